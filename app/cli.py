@@ -1,0 +1,238 @@
+"""`fraudscore` command line: argument parsing only, then delegation."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from app.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Real-time fraud scoring for card payments.")
+console = Console(stderr=True)
+
+
+class Engine(StrEnum):
+    confluent = "confluent"
+    file = "file"
+
+
+class DataFormat(StrEnum):
+    auto = "auto"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    handbook = "handbook"
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _utc_day(value: str, option: str) -> datetime:
+    try:
+        day = datetime.fromisoformat(value)
+    except ValueError:
+        raise _fail(f"{option} {value!r} is not a date (YYYY-MM-DD)", 2) from None
+    return day.replace(tzinfo=UTC) if day.tzinfo is None else day.astimezone(UTC)
+
+
+@app.command()
+def demo(
+    customers: int = 2000, terminals: int = 4000, days: int = 70, seed: int = 42,
+    out: Annotated[Path | None, typer.Option(help="folder for alerts/scores/dlq JSONL")] = None,
+) -> None:
+    """Simulate, train and stream through the pipeline in-process (no servers needed)."""
+    from app.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(customers, terminals, days, seed), out, Console())
+
+
+@app.command()
+def simulate(
+    customers: int = 1000, terminals: int = 2000, days: int = 30, seed: int = 1,
+    out: Annotated[Path | None, typer.Option(help=".parquet or .jsonl")] = None,
+    labels_out: Annotated[Path | None, typer.Option(help="labels file (.parquet/.jsonl)")] = None,
+    label_delay_days: float = 7.0,
+    kafka: Annotated[str | None, typer.Option(help="produce live to this topic")] = None,
+    rate: Annotated[float | None, typer.Option(help="events/s when producing")] = None,
+) -> None:
+    """Generate synthetic transactions with fraud scenarios (deterministic per seed)."""
+    from app import sources
+    from app.simulator import simulate as run_simulation
+
+    if out is None and kafka is None:
+        raise _fail("give --out FILE and/or --kafka TOPIC", 2)
+    if out is not None and out.suffix not in (".parquet", ".jsonl"):
+        raise _fail(f"--out {out}: use a .parquet or .jsonl file name", 2)
+    with console.status("simulating"):
+        tx, labels = run_simulation(customers, terminals, days, seed,
+                                    label_delay_days=label_delay_days)
+    console.print(f"{len(tx):,} transactions, fraud rate {labels['is_fraud'].mean():.2%}")
+    if out is not None:
+        sources.write_frame(tx, out)
+        labels_path = labels_out or out.with_name(out.stem + ".labels" + out.suffix)
+        sources.write_labels(labels, labels_path)
+        console.print(f"wrote {out} and {labels_path}")
+    if kafka is not None:
+        settings = _settings()
+        values = sources.transactions_to_json(tx)
+        keys = [c.encode() for c in tx["customer_id"]]
+        n = sources.produce(values, keys, settings.kafka_bootstrap_servers, kafka, rate,
+                            extra_config={k: str(v) for k, v in settings.kafka_config.items()})
+        console.print(f"produced {n:,} events to {kafka}")
+
+
+@app.command()
+def produce(
+    data: Path, topic: str = "transactions",
+    format: Annotated[DataFormat, typer.Option("--format")] = DataFormat.auto,
+    rate: float | None = None,
+) -> None:
+    """Produce a transactions file (JSONL, Parquet, handbook) to Kafka, keyed by customer."""
+    from app import sources
+
+    settings = _settings()
+    tx, _ = sources.read_transactions(data, format.value)
+    values = sources.transactions_to_json(tx)
+    keys = [c.encode() for c in tx["customer_id"]]
+    n = sources.produce(values, keys, settings.kafka_bootstrap_servers, topic, rate,
+                        extra_config={k: str(v) for k, v in settings.kafka_config.items()})
+    console.print(f"produced {n:,} events to {topic}")
+
+
+@app.command()
+def train(
+    data: Path,
+    train_start: Annotated[str, typer.Option(help="first day of training, YYYY-MM-DD")],
+    train_end: Annotated[str, typer.Option(help="last day of training (inclusive)")],
+    registry: Annotated[Path, typer.Option(help="model registry folder")] = Path("registry"),
+    format: Annotated[DataFormat, typer.Option("--format")] = DataFormat.auto,
+    labels: Annotated[Path | None, typer.Option(help="labels file, unless the data has them")]
+    = None,
+    delay_days: Annotated[int, typer.Option(help="label delay: days between end and use")] = 7,
+) -> None:
+    """Train LightGBM on point-in-time features, export to ONNX, register a version."""
+    from app import sources
+    from features.offline import compute_features
+    from models.registry import save
+    from models.train import TrainConfig, train_lightgbm
+
+    start, end = _utc_day(train_start, "--train-start"), _utc_day(train_end, "--train-end")
+    end = end + timedelta(days=1)
+    if end <= start:
+        raise _fail("--train-end is before --train-start", 2)
+    if not data.exists():
+        raise _fail(f"--data {data}: no such file", 2)
+    with console.status("loading data"):
+        tx, label_frame = sources.read_transactions(data, format.value)
+        if labels is not None:
+            label_frame = sources.read_labels(labels)
+    if label_frame is None:
+        raise _fail("no labels: pass --labels FILE (simulate writes FILE.labels.*)", 2)
+    history = (tx["timestamp"] < end).to_numpy()
+    if not history.any():
+        raise _fail("no transactions before --train-end", 2)
+    with console.status("computing features"):
+        offline = compute_features(tx[history])
+    window = ((tx["timestamp"] >= start) & (tx["timestamp"] < end)).to_numpy()[history]
+    is_fraud = label_frame.set_index("transaction_id")["is_fraud"]
+    y = is_fraud.reindex(tx["transaction_id"][history]).fillna(False).to_numpy(dtype=bool)
+    with console.status(f"training on {int(window.sum()):,} transactions"):
+        trained = train_lightgbm(offline.features[window], y[window],
+                                 tx["timestamp"][history][window], TrainConfig())
+    ref = save(trained, registry,
+               {"data": str(data), "start": str(start), "end": str(end),
+                "delay_days": delay_days, "rows": int(window.sum())},
+               offline.features[window].to_numpy()[:5000])
+    console.print(f"registered {ref.version} in {registry} "
+                  f"(validation AUC {trained.metrics['valid_auc']:.3f}, "
+                  f"AP {trained.metrics['valid_average_precision']:.3f})")
+
+
+@app.command()
+def run(
+    engine: Annotated[Engine, typer.Option()] = Engine.confluent,
+    model: Annotated[Path | None, typer.Option(help="model folder or registry")] = None,
+    input: Annotated[Path | None, typer.Option(help="file engine: JSONL input")] = None,
+    out: Annotated[Path, typer.Option(help="file engine: output folder")] = Path("out"),
+    workers: int = 1,
+) -> None:
+    """Score the transactions stream (Kafka by default) until SIGTERM/SIGINT."""
+    from app import factory
+    from app.observability import setup_logging
+
+    settings = _settings()
+    setup_logging(settings.log_level)
+    if workers != 1:
+        raise _fail("--workers > 1 is not available yet; run more processes with the same "
+                    "FRAUDSCORE_GROUP_ID instead", 2)
+    try:
+        ref = factory.model_ref(settings, model)
+        token_key, pii_key = factory.keys_from_settings(settings)
+    except (ConfigError, FileNotFoundError) as exc:
+        raise _fail(str(exc), 2) from None
+    if engine is Engine.file:
+        from app.engines.file import records_from_jsonl, run_file
+
+        if input is None or not input.exists():
+            raise _fail("the file engine needs --input FILE.jsonl", 2)
+        import fakeredis
+
+        scorer = factory.build_scorer(settings, fakeredis.FakeRedis(), ref, token_key, pii_key)
+        summary = run_file(scorer, records_from_jsonl(input), out, settings.batch_size)
+        console.print(f"{summary.events:,} events: {summary.scored:,} scored, "
+                      f"{summary.alerts:,} alerts, {summary.dead:,} dead letters "
+                      f"({summary.events_per_s:,.0f}/s) → {out}")
+        return
+
+    from app.engines.confluent import ensure_topics, run_worker
+
+    client = factory.redis_client(settings.redis_url)
+    scorer = factory.build_scorer(settings, client, ref, token_key, pii_key)
+    ensure_topics(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = run_worker(settings, scorer, stop)
+    console.print(f"stopped: {stats}")
+
+
+@app.command()
+def schemas(check: Annotated[bool, typer.Option(help="fail if files differ")] = False) -> None:
+    """Write (or check) the JSON Schema files generated from the topic models."""
+    from app.schemas import SCHEMA_DIR, json_schemas, write_json_schemas
+
+    if check:
+        stale = [n for n, text in json_schemas().items()
+                 if not (SCHEMA_DIR / n).exists() or (SCHEMA_DIR / n).read_text() != text]
+        if stale:
+            raise _fail(f"schemas out of date: {', '.join(stale)}; run `fraudscore schemas`")
+        console.print("schemas up to date")
+        return
+    for path in write_json_schemas():
+        console.print(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(2)

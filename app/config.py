@@ -1,0 +1,139 @@
+"""Settings: the only place that reads the environment.
+
+Every setting is ``FRAUDSCORE_<NAME>`` (for example ``FRAUDSCORE_BATCH_SIZE=500``). Kafka
+client settings pass through untouched as librdkafka keys in ``FRAUDSCORE_KAFKA_CONFIG``
+(a JSON object), so TLS and SASL need no code here. ``KAFKA_BOOTSTRAP_SERVERS`` and
+``REDIS_URL`` (printed by ``scripts/stack.sh up``) are honoured as fallbacks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_LIBRDKAFKA_KEY = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
+# Keys the engines own; letting users set them would silently break exactly-once.
+_RESERVED_KAFKA_KEYS = frozenset(
+    {
+        "bootstrap.servers",
+        "group.id",
+        "transactional.id",
+        "enable.auto.commit",
+        "isolation.level",
+        "enable.idempotence",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the environment variable to fix."""
+
+
+class Settings(BaseSettings):
+    """fraudscore configuration (env prefix ``FRAUDSCORE_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FRAUDSCORE_", extra="ignore", validate_default=True, frozen=True
+    )
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092",
+        validation_alias=AliasChoices(
+            "FRAUDSCORE_KAFKA_BOOTSTRAP_SERVERS", "KAFKA_BOOTSTRAP_SERVERS"
+        ),
+        description="Kafka bootstrap servers, host:port[,host:port]",
+    )
+    kafka_config: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="extra librdkafka settings as a JSON object, e.g. security.protocol, sasl.*",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("FRAUDSCORE_REDIS_URL", "REDIS_URL"),
+        description="redis://, rediss:// (TLS) or unix:// URL; user:password@ for ACL users",
+    )
+    group_id: str = Field(default="fraudscore-scorer", min_length=1)
+    topic_transactions: str = "transactions"
+    topic_labels: str = "fraud-labels"
+    topic_alerts: str = "alerts"
+    topic_scores: str = "scores"
+    topic_dlq: str = "transactions.dlq"
+    topic_audit: str = "audit"
+    emit_scores: bool = Field(default=True, description="write every score to the scores topic")
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 20
+    max_event_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    review_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None, description="score from which an event is alerted; default: the model's"
+    )
+    block_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
+        default=None, description="score from which the decision is block; default: the model's"
+    )
+    model_dir: Path | None = Field(default=None, description="model directory from `train`")
+    token_key: SecretStr | None = Field(default=None, description="HMAC key for tokens")
+    token_key_file: Path | None = None
+    pii_key: SecretStr | None = Field(default=None, description="AES-256 key, base64")
+    pii_key_file: Path | None = None
+    pii_key_id: str = "k1"
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @field_validator("kafka_config")
+    @classmethod
+    def _check_kafka_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not _LIBRDKAFKA_KEY.match(key):
+                raise ValueError(f"{key!r} is not a librdkafka setting name")
+            if key in _RESERVED_KAFKA_KEYS:
+                raise ValueError(f"{key!r} is set by fraudscore itself and cannot be overridden")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", value):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka settings shared by every client: bootstrap plus the pass-through keys."""
+        return {"bootstrap.servers": self.kafka_bootstrap_servers, **self.kafka_config}
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    if field.isupper():  # already an environment name (a validation alias)
+        return field
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return f"FRAUDSCORE_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; on error raise ConfigError naming each bad variable."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = [f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    review, block = settings.review_threshold, settings.block_threshold
+    if review is not None and block is not None and block < review:
+        raise ConfigError(
+            "invalid configuration: FRAUDSCORE_BLOCK_THRESHOLD must be ≥ "
+            "FRAUDSCORE_REVIEW_THRESHOLD"
+        )
+    return settings

@@ -1,0 +1,291 @@
+"""The scoring pipeline: DESIGN.md's stages as plain functions over a batch.
+
+1 decode + validate → 2 pseudonymise → 3 features → 4 score → 5 decide → 6 outputs.
+Engines (file, confluent) feed :class:`InputRecord` batches to :meth:`Scorer.process` and
+write the returned :class:`Output` records; the engine alone decides how they are committed.
+Personal data (PAN, ip, device, customer id) leaves stage 2 only inside an encrypted envelope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from app.schemas import Alert, Reason, ScoreRecord, Transaction
+from app.security.envelope import FieldCipher, associated_data
+from app.security.tokens import Tokenizer, equality_key
+from features.definitions import FEATURE_NAMES
+from features.kernel import Events, country_keys
+from features.online import RedisFeatureStore
+from models.runtime import ModelRuntime
+
+STAGE_DECODE = "decode"
+MAX_REASON_CHARS = 500
+N_REASONS = 3
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One consumed message, with where it came from (for DLQ headers and offsets)."""
+
+    value: bytes | None
+    key: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    record: InputRecord
+    stage: str
+    reason: str
+
+    def to_output(self, topic: str) -> Output:
+        headers = [
+            ("error.stage", self.stage.encode()),
+            ("error.reason", self.reason[:MAX_REASON_CHARS].encode()),
+            ("source.topic", self.record.topic.encode()),
+            ("source.partition", str(self.record.partition).encode()),
+            ("source.offset", str(self.record.offset).encode()),
+        ]
+        return Output(topic, self.record.key, self.record.value or b"", headers)
+
+
+@dataclass(frozen=True)
+class Topics:
+    alerts: str = "alerts"
+    scores: str = "scores"
+    dlq: str = "transactions.dlq"
+
+
+@dataclass(frozen=True)
+class Policy:
+    review_threshold: float
+    block_threshold: float
+
+
+# ---- stage 1 ------------------------------------------------------------------------------
+
+
+def _describe(exc: ValidationError) -> str:
+    """Field locations and messages only: never the input, which may hold a card number."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def decode(
+    records: Sequence[InputRecord], max_bytes: int
+) -> tuple[list[Transaction], list[InputRecord], list[DeadLetter]]:
+    """Parse and validate; anything that is not a valid transaction becomes a dead letter."""
+    txs: list[Transaction] = []
+    sources: list[InputRecord] = []
+    dead: list[DeadLetter] = []
+    for rec in records:
+        if not rec.value:
+            dead.append(DeadLetter(rec, STAGE_DECODE, "empty value"))
+            continue
+        if len(rec.value) > max_bytes:
+            reason = f"value is {len(rec.value)} bytes, above the {max_bytes}-byte limit"
+            dead.append(DeadLetter(rec, STAGE_DECODE, reason))
+            continue
+        try:
+            txs.append(Transaction.model_validate_json(rec.value))
+        except ValidationError as exc:
+            dead.append(DeadLetter(rec, STAGE_DECODE, _describe(exc)))
+            continue
+        sources.append(rec)
+    return txs, sources, dead
+
+
+# ---- stage 2 ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pseudonymised:
+    """A batch after tokenisation: columns for the features, PII only for the envelope."""
+
+    transaction_ids: list[str]
+    customer_tokens: list[str]
+    terminal_ids: list[str]
+    event_times: list[datetime]
+    events: Events
+    pii: list[dict[str, Any]] = field(repr=False)
+
+
+def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymised:
+    customer_tokens = tokenizer.tokens(t.customer_id for t in txs)
+    device_tokens = tokenizer.tokens(t.device_id for t in txs)
+    events = Events(
+        t=np.fromiter((t.timestamp.timestamp() for t in txs), dtype=np.float64, count=len(txs)),
+        amount=np.fromiter((t.amount for t in txs), dtype=np.float64, count=len(txs)),
+        device_key=np.fromiter(map(equality_key, device_tokens), dtype=np.float64,
+                               count=len(txs)),
+        country_key=country_keys(np.array([t.country for t in txs], dtype=object)),
+    )
+    pii = [
+        {"customer_id": t.customer_id, "card_number": t.card_number, "device_id": t.device_id,
+         "ip": t.ip}
+        for t in txs
+    ]
+    return Pseudonymised(
+        transaction_ids=[t.transaction_id for t in txs],
+        customer_tokens=[c or "" for c in customer_tokens],
+        terminal_ids=[t.terminal_id for t in txs],
+        event_times=[t.timestamp for t in txs],
+        events=events,
+        pii=pii,
+    )
+
+
+# ---- stages 3–5 ---------------------------------------------------------------------------
+
+
+def enrich(batch: Pseudonymised, store: RedisFeatureStore) -> np.ndarray:
+    return store.update_many(batch.customer_tokens, batch.transaction_ids, batch.events)
+
+
+def decide(scores: np.ndarray, policy: Policy) -> np.ndarray:
+    return np.where(
+        scores >= policy.block_threshold,
+        "block",
+        np.where(scores >= policy.review_threshold, "review", "allow"),
+    )
+
+
+def reasons(contributions: np.ndarray, features: np.ndarray) -> list[list[Reason]]:
+    """The features that pushed each alerted score up the most."""
+    top = np.argsort(-contributions, axis=1)[:, :N_REASONS]
+    return [
+        [
+            Reason(feature=FEATURE_NAMES[j], value=float(features[i, j]),
+                   contribution=round(float(contributions[i, j]), 6))
+            for j in top[i]
+        ]
+        for i in range(len(top))
+    ]
+
+
+def alert_id(model_version: str, transaction_id: str) -> str:
+    """Deterministic, so a redelivered or replayed event yields the same alert id."""
+    digest = hashlib.sha256(f"{model_version}\x00{transaction_id}".encode()).hexdigest()
+    return "al-" + digest[:24]
+
+
+# ---- the whole pipeline -------------------------------------------------------------------
+
+
+@dataclass
+class BatchResult:
+    outputs: list[Output]
+    transaction_ids: list[str]
+    scores: np.ndarray
+    decisions: np.ndarray
+    dead: list[DeadLetter]
+    n_alerts: int
+    features: np.ndarray
+
+
+class Scorer:
+    """Runs the stages over one batch; holds the long-lived parts (store, model, keys)."""
+
+    def __init__(
+        self,
+        store: RedisFeatureStore,
+        model: ModelRuntime,
+        tokenizer: Tokenizer,
+        cipher: FieldCipher,
+        policy: Policy,
+        topics: Topics,
+        max_event_bytes: int = 64 * 1024,
+        emit_scores: bool = True,
+    ) -> None:
+        self.store = store
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cipher = cipher
+        self.policy = policy
+        self.topics = topics
+        self.max_event_bytes = max_event_bytes
+        self.emit_scores = emit_scores
+
+    def process(self, records: Sequence[InputRecord]) -> BatchResult:
+        txs, _, dead = decode(records, self.max_event_bytes)
+        outputs = [d.to_output(self.topics.dlq) for d in dead]
+        if not txs:
+            empty = np.empty(0)
+            no_features = np.empty((0, len(FEATURE_NAMES)))
+            return BatchResult(outputs, [], empty, empty.astype(str), dead, 0, no_features)
+        batch = pseudonymise(txs, self.tokenizer)
+        features = enrich(batch, self.store)
+        scores = self.model.score_many(features)
+        decisions = decide(scores, self.policy)
+        outputs.extend(self._emit(batch, features, scores, decisions))
+        n_alerts = int((decisions != "allow").sum())
+        return BatchResult(
+            outputs, batch.transaction_ids, scores, decisions, dead, n_alerts, features
+        )
+
+    def _emit(
+        self, batch: Pseudonymised, features: np.ndarray, scores: np.ndarray,
+        decisions: np.ndarray,
+    ) -> list[Output]:
+        now = datetime.now(UTC)
+        version = self.model.version
+        out: list[Output] = []
+        flagged = np.flatnonzero(decisions != "allow")
+        if flagged.size:
+            why = reasons(self.model.contributions_many(features[flagged]), features[flagged])
+            for row, reason_list in zip(flagged, why, strict=True):
+                tx_id = batch.transaction_ids[row]
+                aid = alert_id(version, tx_id)
+                alert = Alert(
+                    alert_id=aid,
+                    transaction_id=tx_id,
+                    event_time=batch.event_times[row],
+                    scored_at=now,
+                    customer_token=batch.customer_tokens[row],
+                    terminal_id=batch.terminal_ids[row],
+                    fraud_score=float(scores[row]),
+                    decision=str(decisions[row]),  # type: ignore[arg-type]
+                    model_version=version,
+                    reasons=reason_list,
+                    pii=self.cipher.encrypt(batch.pii[row], associated_data(aid, tx_id)),
+                )
+                key = batch.customer_tokens[row].encode()
+                out.append(Output(self.topics.alerts, key, alert.model_dump_json().encode()))
+        if self.emit_scores:
+            for row, tx_id in enumerate(batch.transaction_ids):
+                record = ScoreRecord(
+                    transaction_id=tx_id,
+                    event_time=batch.event_times[row],
+                    scored_at=now,
+                    customer_token=batch.customer_tokens[row],
+                    terminal_id=batch.terminal_ids[row],
+                    fraud_score=float(scores[row]),
+                    decision=str(decisions[row]),  # type: ignore[arg-type]
+                    model_version=version,
+                )
+                key = batch.customer_tokens[row].encode()
+                out.append(Output(self.topics.scores, key, record.model_dump_json().encode()))
+        return out

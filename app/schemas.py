@@ -1,0 +1,217 @@
+"""Topic values as pydantic models: the wire contract of DESIGN.md ("Contracts").
+
+Every value that crosses Kafka is declared here once. The JSON Schema files under
+``schemas/`` are generated from these models (``fraudscore schemas --write``) and a test
+fails when they drift, so producers in other languages can validate against the same text.
+
+Validation error messages never echo the input value: a rejected card number must not
+reach a DLQ header or a log line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+)
+
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def _require_rfc3339(value: Any) -> Any:
+    """Accept only RFC 3339 strings with a zone: epoch numbers and naive times are ambiguous."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("must be an RFC 3339 timestamp with a zone, e.g. 2026-01-01T12:00:00Z")
+    return value
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def luhn_ok(digits: str) -> bool:
+    """Luhn checksum over a string of ASCII digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _check_pan(value: str) -> str:
+    if not luhn_ok(value):
+        raise ValueError("card number fails the Luhn check")
+    return value
+
+
+def _check_ip(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError("must be an IPv4 or IPv6 address") from None
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_require_rfc3339), AfterValidator(_to_utc)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+Pan = Annotated[str, Field(pattern=r"^[0-9]{12,19}$"), AfterValidator(_check_pan)]
+Amount = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False, strict=True)]
+Score = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Decision = Literal["allow", "review", "block"]
+
+
+class _Value(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", hide_input_in_errors=True)
+
+
+class Transaction(_Value):
+    """`transactions` value; key = customer_id. Unknown fields are ignored (forward compatible)."""
+
+    transaction_id: Id
+    timestamp: Timestamp
+    customer_id: Id
+    terminal_id: Id
+    amount: Amount
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    card_number: Pan | None = None
+    merchant_category: Annotated[str, Field(pattern=r"^[0-9]{4}$")] | None = None
+    channel: Annotated[str, Field(min_length=1, max_length=32)] | None = None
+    country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
+    device_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    ip: Annotated[str, Field(max_length=45), AfterValidator(_check_ip)] | None = None
+
+
+class Label(_Value):
+    """`fraud-labels` value: a (possibly late) fraud report for one transaction."""
+
+    transaction_id: Id
+    customer_id: Id
+    terminal_id: Id
+    timestamp: Timestamp
+    is_fraud: StrictBool
+    reported_at: Timestamp
+
+
+class Reason(BaseModel):
+    """One feature's share of a decision (a tree-model contribution in log-odds)."""
+
+    feature: str
+    value: float
+    contribution: float
+
+
+class PiiEnvelope(BaseModel):
+    """AES-256-GCM ciphertext of the personal fields an analyst may need; base64 strings."""
+
+    kid: str
+    nonce: str
+    ciphertext: str
+
+
+class ScoreRecord(BaseModel):
+    """`scores` value: one per scored event; no personal data (token, not PAN)."""
+
+    transaction_id: str
+    event_time: datetime
+    scored_at: datetime
+    customer_token: str
+    terminal_id: str
+    fraud_score: Score
+    anomaly_score: float | None = Field(
+        default=None, description="neural anomaly score; null until a neural model is deployed"
+    )
+    decision: Decision
+    model_version: str
+    fail_open: bool = Field(default=False, description="scored with default features")
+
+
+class Alert(ScoreRecord):
+    """`alerts` value: a scored event whose decision is review or block."""
+
+    alert_id: str
+    reasons: list[Reason]
+    pii: PiiEnvelope
+
+
+class DeadLetterHeaders(BaseModel):
+    """Headers of a `transactions.dlq` record; the value is the original bytes, untouched."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    error_stage: str = Field(alias="error.stage")
+    error_reason: str = Field(alias="error.reason")
+    source_topic: str = Field(alias="source.topic")
+    source_partition: int = Field(alias="source.partition")
+    source_offset: int = Field(alias="source.offset")
+
+
+class AuditRecord(BaseModel):
+    """`audit` value: one decision or analyst access, hash-chained per writer."""
+
+    writer_id: str
+    seq: int = Field(ge=0)
+    occurred_at: datetime
+    actor: str
+    action: str
+    outcome: str
+    origin: str
+    object_id: str
+    inputs_hash: str | None = None
+    model_version: str | None = None
+    score: float | None = None
+    decision: Decision | None = None
+    prev_hash: str
+    hash: str
+
+
+TOPIC_VALUES: dict[str, type[BaseModel]] = {
+    "transaction": Transaction,
+    "label": Label,
+    "score": ScoreRecord,
+    "alert": Alert,
+    "dead_letter_headers": DeadLetterHeaders,
+    "audit_record": AuditRecord,
+}
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def json_schemas() -> dict[str, str]:
+    """File name → JSON Schema text, as committed under ``schemas/``."""
+    out: dict[str, str] = {}
+    for name, model in TOPIC_VALUES.items():
+        mode = "validation" if model in (Transaction, Label) else "serialization"
+        schema = model.model_json_schema(mode=mode, by_alias=True)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        out[f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    return out
+
+
+def write_json_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in json_schemas().items():
+        path = directory / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
