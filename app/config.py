@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 _LIBRDKAFKA_KEY = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
 # Keys the engines own; letting users set them would silently break exactly-once.
@@ -56,6 +56,8 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("FRAUDSCORE_REDIS_URL", "REDIS_URL"),
         description="redis://, rediss:// (TLS) or unix:// URL; user:password@ for ACL users",
     )
+    redis_namespace: str = Field(default="fs", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+                                 description="prefix of every Redis key this service writes")
     group_id: str = Field(default="fraudscore-scorer", min_length=1)
     topic_transactions: str = "transactions"
     topic_labels: str = "fraud-labels"
@@ -127,6 +129,10 @@ def load_settings(**overrides: Any) -> Settings:
     """Build the settings; on error raise ConfigError naming each bad variable."""
     try:
         settings = Settings(**overrides)
+    except SettingsError as exc:  # a complex value (JSON) that does not parse
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = _env_name((match.group(1),)) if match else "a FRAUDSCORE_ variable"
+        raise ConfigError(f"invalid configuration: {name}: not valid JSON") from None
     except ValidationError as exc:
         problems = [f"{_env_name(err['loc'])}: {err['msg']}" for err in exc.errors()]
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -55,7 +55,7 @@ def build_scorer(
         if settings.block_threshold is None else settings.block_threshold,
     )
     return Scorer(
-        store=RedisFeatureStore(client),
+        store=RedisFeatureStore(client, namespace=settings.redis_namespace),
         model=ModelRuntime(ref),
         tokenizer=Tokenizer(token_key),
         cipher=FieldCipher({settings.pii_key_id: pii_key}, settings.pii_key_id),
