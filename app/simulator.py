@@ -72,13 +72,13 @@ class FraudRates:
     """
 
     amount_outlier: float = 0.001  # share of genuine transactions turned into outliers
-    compromised_terminals: float = 0.0002  # per terminal per day (handbook: 2 / 10k)
+    compromised_terminals: float = 0.0003  # per terminal per day (handbook: 2 / 10k)
     terminal_window_days: float = 28.0
-    compromised_cards: float = 0.0006  # per card per day (handbook: 3 / 5k)
+    compromised_cards: float = 0.0009  # per card per day (handbook: 3 / 5k)
     card_window_days: float = 14.0
     card_fraud_share: float = 1 / 3
     card_amount_factor: float = 5.0
-    card_testing: float = 0.0002  # bursts per card per day
+    card_testing: float = 0.0003  # bursts per card per day
     account_takeover: float = 0.0005  # takeovers per card per day
 
     def __post_init__(self) -> None:
@@ -135,9 +135,7 @@ class _Rows:
 
     @staticmethod
     def concat(parts: list[_Rows]) -> _Rows:
-        return _Rows(
-            *(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Rows))
-        )
+        return _Rows(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(_Rows)))
 
 
 _MCC_TABLE: tuple[str, ...] = (ATM_MCC, *dict.fromkeys(POS_MCC + ECOM_MCC))
@@ -162,13 +160,14 @@ def simulate(
     _label_amount_outliers(rng, rows, people, rates)
     _label_compromised_terminals(rng, rows, terminals, days, rates)
     _label_compromised_cards(rng, rows, customers, days, rates)
-    first_device = 2 * customers
-    testing = _card_testing_rows(rng, people, shops, days, rates, first_device)
-    takeover = _takeover_rows(rng, people, shops, days, rates, first_device + _devices(testing))
+    fraud_device = 2 * customers  # customer c owns devices 2c and 2c + 1
+    testing = _card_testing_rows(rng, people, shops, days, rates, fraud_device)
+    fraud_device = _next_device(testing, fraud_device)
+    takeover = _takeover_rows(rng, people, shops, days, rates, fraud_device)
     rows = _Rows.concat([rows, testing, takeover])
     rows = rows.take(np.flatnonzero(rows.time_ms < days * _MS_PER_DAY))
     rows = rows.take(np.argsort(rows.time_ms, kind="stable"))
-    return _frames(rng, rows, people, seed, start, label_delay_days)
+    return _frames(rng, rows, people, shops, seed, start, label_delay_days)
 
 
 def _check_arguments(
@@ -182,9 +181,9 @@ def _check_arguments(
         raise ValueError("label_delay_days must be a finite number >= 0")
 
 
-def _devices(rows: _Rows) -> int:
-    """How many fresh device indices a block of injected rows used."""
-    return int(rows.device.max()) + 1 - int(rows.device.min()) if rows.device.size else 0
+def _next_device(rows: _Rows, first: int) -> int:
+    """First device index after those `rows` used, so every fraud event gets a fresh device."""
+    return max(first, int(rows.device.max()) + 1) if rows.device.size else first
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,11 +366,7 @@ def _in_window(
     order = np.argsort(event_key, kind="stable")
     found = np.searchsorted(event_key[order], row_key, side="right") - 1
     last = order[np.maximum(found, 0)]
-    return (
-        (found >= 0)
-        & (event_entity[last] == entity)
-        & (time_ms - event_start[last] < window_ms)
-    )
+    return (found >= 0) & (event_entity[last] == entity) & (time_ms - event_start[last] < window_ms)
 
 
 def _label_compromised_terminals(
@@ -548,6 +543,7 @@ def _frames(
     rng: np.random.Generator,
     rows: _Rows,
     people: _Customers,
+    shops: _Terminals,
     seed: int,
     start: datetime,
     label_delay_days: float,
@@ -555,7 +551,7 @@ def _frames(
     """Assemble contract frames from sorted rows (ids follow time order)."""
     count = rows.customer.size
     customers = people.x.size
-    terminals = int(rows.terminal.max()) + 1 if count else 1
+    terminals = shops.x.size
     devices = max(2 * customers, int(rows.device.max()) + 1 if count else 0)
     start_ns = pd.Timestamp(start).tz_convert("UTC").value
     stamps_ns = start_ns + rows.time_ms * 1_000_000
@@ -575,8 +571,8 @@ def _frames(
         "amount": pa.array(rows.amount, type=pa.float64()),
         "currency": pa.repeat(pa.scalar("EUR"), count),
         "card_number": _card_numbers(rng, customers).take(pa.array(rows.customer)),
-        "merchant_category": pa.array(_MCC_TABLE).take(pa.array(rows_mcc(rows))),
-        "channel": pa.array(CHANNELS).take(pa.array(rows_channel(rows))),
+        "merchant_category": pa.array(_MCC_TABLE).take(pa.array(shops.mcc[rows.terminal])),
+        "channel": pa.array(CHANNELS).take(pa.array(shops.channel[rows.terminal])),
         "country": pa.array(COUNTRIES).take(pa.array(rows.country)),
         "device_id": _device_ids(rng, devices).take(device_index),
         "ip": _ip_addresses(rng, devices).take(device_index),
@@ -594,4 +590,6 @@ def _frames(
         },
         schema=LABELS_SCHEMA,
     )
-    return transactions_from_arrow(transactions, "simulator"), labels_from_arrow(labels, "simulator")
+    return transactions_from_arrow(transactions, "simulator"), labels_from_arrow(
+        labels, "simulator"
+    )

@@ -64,11 +64,12 @@ class Tokenizer:
     def token(self, value: str) -> str:
         return hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:TOKEN_HEX]
 
-    def tokens(self, values: Iterable[str | None]) -> list[str | None]:
+    def tokens(self, values: Iterable[object]) -> list[str | None]:
+        """Tokens for a column; missing values (None, NaN) stay missing."""
         cache: dict[str, str] = {}
         out: list[str | None] = []
         for v in values:
-            if v is None:
+            if not isinstance(v, str):
                 out.append(None)
                 continue
             tok = cache.get(v)
