@@ -61,7 +61,10 @@ def demo(
     """Simulate, train and stream through the pipeline in-process (no servers needed)."""
     from app.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(customers, terminals, days, seed), out, Console())
+    out_console = Console()
+    if not out_console.is_terminal:  # piped or captured: do not squeeze tables to 80 columns
+        out_console = Console(width=130)
+    run_demo(DemoConfig(customers, terminals, days, seed), out, out_console)
 
 
 @app.command()

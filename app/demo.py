@@ -154,11 +154,12 @@ def _print_top_alerts(console: Console, alerts_file: Path, n: int = 5) -> None:
     alerts = [json.loads(line) for line in alerts_file.read_text().splitlines()]
     alerts.sort(key=lambda a: -a["fraud_score"])
     table = Table(title=f"top {n} alerts (PII stays inside the encrypted envelope)")
-    for col in ("alert", "card token", "terminal", "score", "decision", "top reasons"):
-        table.add_column(col)
+    for col in ("alert", "card token", "terminal", "score", "decision"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("top reasons (feature=value, +log-odds)", overflow="fold")
     for a in alerts[:n]:
-        why = ", ".join(f"{r['feature']}={r['value']:.4g} (+{r['contribution']:.2f})"
+        why = "\n".join(f"{r['feature']}={r['value']:.4g} ({r['contribution']:+.2f})"
                         for r in a["reasons"])
-        table.add_row(a["alert_id"], a["customer_token"][:12] + "…", a["terminal_id"],
+        table.add_row(a["alert_id"][:15] + "…", a["customer_token"][:8] + "…", a["terminal_id"],
                       f"{a['fraud_score']:.3f}", a["decision"], why)
     console.print(table)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -21,11 +21,13 @@ from app.schemas import Alert, Reason, ScoreRecord, Transaction
 from app.security.envelope import FieldCipher, associated_data
 from app.security.tokens import Tokenizer, equality_key
 from features.definitions import FEATURE_NAMES
-from features.kernel import Events, country_keys
+from features.kernel import Events, country_keys, micros_to_seconds
 from features.online import RedisFeatureStore
 from models.runtime import ModelRuntime
 
 STAGE_DECODE = "decode"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 MAX_REASON_CHARS = 500
 N_REASONS = 3
 
@@ -137,7 +139,10 @@ def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymi
     customer_tokens = tokenizer.tokens(t.customer_id for t in txs)
     device_tokens = tokenizer.tokens(t.device_id for t in txs)
     events = Events(
-        t=np.fromiter((t.timestamp.timestamp() for t in txs), dtype=np.float64, count=len(txs)),
+        t=micros_to_seconds(
+            np.fromiter(((t.timestamp - _EPOCH) // _MICROSECOND for t in txs), dtype=np.int64,
+                        count=len(txs))
+        ),
         amount=np.fromiter((t.amount for t in txs), dtype=np.float64, count=len(txs)),
         device_key=np.fromiter(map(equality_key, device_tokens), dtype=np.float64,
                                count=len(txs)),

@@ -54,11 +54,19 @@ def country_keys(codes: np.ndarray) -> np.ndarray:
 
 
 def epoch_seconds(ts: pd.Series) -> np.ndarray:
-    """UTC-aware timestamps as float64 seconds since the epoch."""
+    """UTC-aware timestamps as float64 seconds since the epoch, via whole microseconds.
+
+    Going through an integer microsecond count makes the result independent of how the
+    time was parsed, so offline (pandas) and online (JSON → datetime) agree bit for bit.
+    """
     if ts.dt.tz is None:
         raise ValueError("timestamps must be timezone-aware (UTC)")
     ns = ts.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
-    return ns.astype(np.int64) / 1e9
+    return micros_to_seconds(ns.astype(np.int64) // 1000)
+
+
+def micros_to_seconds(micros: np.ndarray) -> np.ndarray:
+    return np.asarray(micros, dtype=np.int64) / 1e6
 
 
 def empty_states(n: int) -> np.ndarray:

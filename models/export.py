@@ -19,7 +19,7 @@ def lightgbm_to_onnx(booster: lgb.Booster) -> onnx.ModelProto:
         booster,
         initial_types=[(INPUT_NAME, FloatTensorType([None, N_FEATURES]))],
         zipmap=False,
-        target_opset={"": 17, "ai.onnx.ml": 3},
+        target_opset=15,  # the highest onnxmltools 1.16 supports
     )
 
 

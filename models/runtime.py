@@ -26,10 +26,12 @@ class ModelRuntime:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # the converter's declared label shape is noise here
         self._session = ort.InferenceSession(
             str(ref.path / "model.onnx"), sess_options=opts, providers=providers(prefer_gpu)
         )
         self._booster: lgb.Booster | None = None
+        self._probabilities = self._session.get_outputs()[1].name
 
     @property
     def version(self) -> str:
@@ -39,7 +41,8 @@ class ModelRuntime:
         """Fraud probability per row."""
         if len(x) == 0:
             return np.empty(0, dtype=np.float64)
-        probs = self._session.run(None, {INPUT_NAME: x.astype(np.float32, copy=False)})[1]
+        probs = self._session.run([self._probabilities],
+                                  {INPUT_NAME: x.astype(np.float32, copy=False)})[0]
         return probs[:, 1].astype(np.float64)
 
     def contributions_many(self, x: np.ndarray) -> np.ndarray:
