@@ -81,7 +81,6 @@ class Settings(BaseSettings):
     pii_key: SecretStr | None = Field(default=None, description="AES-256 key, base64")
     pii_key_file: Path | None = None
     pii_key_id: str = "k1"
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @field_validator("kafka_bootstrap_servers")

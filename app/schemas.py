@@ -46,7 +46,9 @@ def _to_utc(value: datetime) -> datetime:
 
 
 def luhn_ok(digits: str) -> bool:
-    """Luhn checksum over a string of ASCII digits."""
+    """True when `digits` is all ASCII digits (at least two) and passes the Luhn checksum."""
+    if len(digits) < 2 or not digits.isascii() or not digits.isdigit():
+        return False
     total = 0
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48

@@ -472,14 +472,6 @@ def luhn_check_digits(payload: np.ndarray) -> np.ndarray:
     return (10 - values.sum(axis=1) % 10) % 10
 
 
-def luhn_valid(pan: str) -> bool:
-    """True when `pan` is all digits (at least two) and passes the Luhn checksum."""
-    if len(pan) < 2 or not pan.isascii() or not pan.isdigit():
-        return False
-    digits = np.frombuffer(pan.encode("ascii"), dtype=np.uint8) - ord("0")
-    return bool(luhn_check_digits(digits[None, :-1])[0] == digits[-1])
-
-
 def _card_numbers(rng: np.random.Generator, customers: int) -> pa.Array:
     """Unique test-BIN ("4000") 16-digit PANs with a valid Luhn check digit."""
     modulus = 10**_PAN_BODY_DIGITS

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.simulator import FraudRates, luhn_check_digits, luhn_valid, simulate
+from app.schemas import luhn_ok as luhn_valid
+from app.simulator import FraudRates, luhn_check_digits, simulate
 from app.sources import LABEL_COLUMNS, TRANSACTION_COLUMNS, write_frame, write_labels
 
 SCENARIOS = {
