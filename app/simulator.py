@@ -547,8 +547,12 @@ def _frames(
     devices = max(2 * customers, int(rows.device.max()) + 1 if count else 0)
     start_ns = pd.Timestamp(start).tz_convert("UTC").value
     stamps_ns = start_ns + rows.time_ms * 1_000_000
+    # `label_delay_days` is the latest a label arrives: genuine transactions are confirmed
+    # then, fraud is reported sooner (cardholder disputes), after 20-100 % of the delay.
     delay_ns = int(np.ceil(label_delay_days * 86_400 * 10**9))
-    jitter_ns = rng.integers(0, 86_400_000, count) * 1_000_000
+    fraud_share = rng.uniform(0.2, 1.0, count)
+    report_ns = np.where(rows.scenario != GENUINE, (fraud_share * delay_ns).astype(np.int64),
+                         delay_ns)
     has_device = rows.device >= 0
     device_index = pa.array(rows.device, mask=~has_device)
     transaction_id = _prefixed_ids(f"tx-{seed}-", np.arange(count), 12)
@@ -577,7 +581,7 @@ def _frames(
             "terminal_id": columns["terminal_id"],
             "timestamp": stamps,
             "is_fraud": pa.array(rows.scenario != GENUINE),
-            "reported_at": pa.array(stamps_ns + delay_ns + jitter_ns).cast(stamps.type),
+            "reported_at": pa.array(stamps_ns + report_ns).cast(stamps.type),
             "scenario": pa.array(SCENARIOS).take(pa.array(rows.scenario.astype(np.int64))),
         },
         schema=LABELS_SCHEMA,

@@ -196,8 +196,11 @@ def test_labels_one_per_transaction_and_delayed() -> None:
     assert labels["timestamp"].equals(transactions["timestamp"])
     assert (labels["customer_id"] == transactions["customer_id"]).all()
     delay = labels["reported_at"] - labels["timestamp"]
-    assert (delay >= pd.Timedelta(days=3.5)).all()
-    assert (delay <= pd.Timedelta(days=4.5)).all()
+    fraud = labels["is_fraud"].to_numpy()
+    assert (delay[~fraud] == pd.Timedelta(days=3.5)).all()
+    assert (delay[fraud] >= pd.Timedelta(days=0.7)).all()
+    assert (delay[fraud] <= pd.Timedelta(days=3.5)).all()
+    assert delay[fraud].std() > pd.Timedelta(hours=6)
 
 
 def test_fraud_can_be_switched_off() -> None:
