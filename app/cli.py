@@ -152,18 +152,19 @@ def train(
     history = (tx["timestamp"] < end).to_numpy()
     if not history.any():
         raise _fail("no transactions before --train-end", 2)
+    # Labels count only from their reported_at on, so features never see the future.
     with console.status("computing features"):
-        offline = compute_features(tx[history])
+        features = compute_features(tx[history], label_frame)
     window = ((tx["timestamp"] >= start) & (tx["timestamp"] < end)).to_numpy()[history]
     is_fraud = label_frame.set_index("transaction_id")["is_fraud"]
     y = is_fraud.reindex(tx["transaction_id"][history]).fillna(False).to_numpy(dtype=bool)
     with console.status(f"training on {int(window.sum()):,} transactions"):
-        trained = train_lightgbm(offline.features[window], y[window],
+        trained = train_lightgbm(features[window], y[window],
                                  tx["timestamp"][history][window], TrainConfig())
     ref = save(trained, registry,
                {"data": str(data), "start": str(start), "end": str(end),
                 "delay_days": delay_days, "rows": int(window.sum())},
-               offline.features[window].to_numpy()[:5000])
+               features[window].to_numpy()[:5000])
     console.print(f"registered {ref.version} in {registry} "
                   f"(validation AUC {trained.metrics['valid_auc']:.3f}, "
                   f"AP {trained.metrics['valid_average_precision']:.3f})")

@@ -7,6 +7,7 @@ through the same pipeline the Kafka engine runs → print what came out.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,13 +19,13 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from app.engines.file import records_from_values, run_file
+from app.engines.file import LABELS_TOPIC, records_from_values, run_file
 from app.pipeline import Policy, Scorer, Topics
 from app.security.envelope import FieldCipher
-from app.security.tokens import Tokenizer, equality_key, random_key
+from app.security.tokens import Tokenizer, equality_keys, random_key
 from app.simulator import simulate
-from app.sources import transactions_to_json
-from features.offline import compute_features
+from app.sources import labels_to_json, transactions_to_json
+from features.offline import compute_features, events_from_frame, labels_from_frame, micros
 from features.online import RedisFeatureStore
 from models.metrics import average_precision, precision_recall_at, roc_auc
 from models.registry import resolve, save
@@ -60,6 +61,20 @@ def malformed_events(valid: bytes) -> list[bytes]:
     ]
 
 
+def merged_stream(test: pd.DataFrame, labels: pd.DataFrame, since_us: int
+                  ) -> tuple[list[bytes], list[str]]:
+    """Test transactions and the labels reported meanwhile, in time order (labels first on
+    ties): what the transactions and fraud-labels topics deliver to a live scorer."""
+    reported = labels[micros(labels["reported_at"]) > since_us]
+    reported = reported[reported["reported_at"] <= test["timestamp"].max()]
+    when = np.concatenate([micros(reported["reported_at"]), micros(test["timestamp"])])
+    kind = np.r_[np.zeros(len(reported), dtype=int), np.ones(len(test), dtype=int)]
+    order = np.lexsort((np.arange(len(when)), kind, when))
+    values = labels_to_json(reported) + transactions_to_json(test)
+    topics = [LABELS_TOPIC] * len(reported) + ["transactions"] * len(test)
+    return [values[i] for i in order], [topics[i] for i in order]
+
+
 def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[str, float]:
     """Run the demo and print its summary; returns the headline numbers."""
     with console.status("simulating transactions"):
@@ -75,49 +90,61 @@ def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[st
     token_key, pii_key = random_key(), random_key()
     tokenizer = Tokenizer(token_key)
     card_tokens = pd.Series(tokenizer.tokens(tx["customer_id"]), index=tx.index)
-    device_keys = np.fromiter(map(equality_key, tokenizer.tokens(tx["device_id"])),
-                              dtype=np.float64, count=len(tx))
+    device_keys = equality_keys(tokenizer.tokens(tx["device_id"]))
     history = (tx["timestamp"] < test_start).to_numpy()
 
     with console.status("computing offline features and training LightGBM"):
-        offline = compute_features(tx[history], card_tokens[history], device_keys[history])
+        # labels count only from their reported_at on, so no row sees its own future
+        features = compute_features(tx, labels, card_tokens, device_keys)
         warm = tx["timestamp"] >= start + timedelta(days=7)  # windows need a week to fill
-        fit = (warm & (tx["timestamp"] < train_end)).to_numpy()[history]
-        trained = train_lightgbm(
-            offline.features[fit], labels["is_fraud"].to_numpy()[history][fit],
-            tx["timestamp"][history][fit], TrainConfig(),
-        )
+        fit = (warm & (tx["timestamp"] < train_end)).to_numpy()
+        trained = train_lightgbm(features[fit], labels["is_fraud"].to_numpy()[fit],
+                                 tx["timestamp"][fit], TrainConfig())
         registry = Path(tempfile.mkdtemp(prefix="fraudscore-demo-models-"))
-        ref = save(trained, registry, {"end": str(train_end)},
-                   offline.features[fit].to_numpy()[:2000])
+        ref = save(trained, registry, {"end": str(train_end)}, features[fit].to_numpy()[:2000])
     console.print(f"model {ref.version}: validation AUC {trained.metrics['valid_auc']:.3f}, "
                   f"AP {trained.metrics['valid_average_precision']:.3f}, ONNX parity "
                   f"{ref.manifest['onnx_parity_max_abs_diff']:.1e}")
 
-    client = fakeredis.FakeRedis()
-    store = RedisFeatureStore(client)
-    store.load_states(list(offline.card_ids), offline.states)
+    store = RedisFeatureStore(fakeredis.FakeRedis())
+    card_of = dict(zip(tx["customer_id"], card_tokens, strict=True))
+    until = int(micros(pd.Series([test_start]))[0])
+    store.load_history(events_from_frame(tx[history], card_tokens[history],
+                                         device_keys[history]),
+                       labels_from_frame(labels, card_of), until)
     scorer = Scorer(
         store=store, model=ModelRuntime(resolve(ref.path)), tokenizer=tokenizer,
         cipher=FieldCipher({"demo": pii_key}, "demo"),
         policy=Policy(trained.review_threshold, trained.block_threshold), topics=Topics(),
     )
     test = tx[~history]
-    values = transactions_to_json(test)
+    values, topics = merged_stream(test, labels, until)
     bad = malformed_events(values[0])
     stream = values + bad
     out = out_dir or Path(tempfile.mkdtemp(prefix="fraudscore-demo-"))
-    summary = run_file(scorer, records_from_values(stream, source="demo"), out,
+    kinds = topics + ["transactions"] * len(bad)
+    summary = run_file(scorer, records_from_values(stream, topics=kinds), out,
                        batch_size=cfg.batch_size, total=len(stream), keep_scores=True)
 
     scores = np.concatenate(summary.scores)
     decisions = np.concatenate(summary.decisions)
     y = labels["is_fraud"].to_numpy()[~history]
     precision, recall = precision_recall_at(y, decisions != "allow")
-    # The streamed features must equal the offline ones over the full history.
-    full = compute_features(tx, card_tokens, device_keys).features.to_numpy()[~history]
+    # The streamed features must equal the offline ones computed over the full history with
+    # the labels seen in the order the stream applied them (a batch's labels go first).
+    batch_of = np.arange(len(values)) // cfg.batch_size
+    is_label = np.array([k == LABELS_TOPIC for k in topics])
+    tx_clock = np.full(len(tx), -1, dtype=np.int64)
+    tx_clock[~history] = batch_of[~is_label]
+    first_id = labels["transaction_id"].to_numpy()
+    label_clock = np.full(len(labels), -1, dtype=np.int64)
+    pos = pd.Series(np.arange(len(labels)), index=first_id)
+    streamed_ids = [json.loads(values[i])["transaction_id"] for i in np.flatnonzero(is_label)]
+    label_clock[pos.reindex(streamed_ids).to_numpy()] = batch_of[is_label]
+    label_clock[micros(labels["reported_at"]) > micros(test["timestamp"]).max()] = len(values)
+    check = compute_features(tx, labels, card_tokens, device_keys, (tx_clock, label_clock))
     online = np.vstack(summary.features)
-    parity = float(np.abs(full - online).max()) if len(full) else 0.0
+    parity = float(np.abs(check.to_numpy()[~history] - online).max()) if len(online) else 0.0
 
     result = {
         "events": float(summary.events), "scored": float(summary.scored),

@@ -12,17 +12,17 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
 
-from app.schemas import Alert, Reason, ScoreRecord, Transaction
+from app.schemas import Alert, Label, Reason, ScoreRecord, Transaction
 from app.security.envelope import FieldCipher, associated_data
-from app.security.tokens import Tokenizer, equality_key
+from app.security.tokens import Tokenizer, equality_keys
 from features.definitions import FEATURE_NAMES
-from features.kernel import Events, country_keys, micros_to_seconds
-from features.online import RedisFeatureStore
+from features.online import EventBatch, LabelBatch, RedisFeatureStore
+from features.windows import country_keys, terminal_hash
 from models.runtime import ModelRuntime
 
 STAGE_DECODE = "decode"
@@ -96,11 +96,14 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
+M = TypeVar("M", Transaction, Label)
+
+
 def decode(
-    records: Sequence[InputRecord], max_bytes: int
-) -> tuple[list[Transaction], list[InputRecord], list[DeadLetter]]:
-    """Parse and validate; anything that is not a valid transaction becomes a dead letter."""
-    txs: list[Transaction] = []
+    records: Sequence[InputRecord], max_bytes: int, model: type[M] = Transaction  # type: ignore[assignment]
+) -> tuple[list[M], list[InputRecord], list[DeadLetter]]:
+    """Parse and validate; anything that is not a valid `model` becomes a dead letter."""
+    txs: list[M] = []
     sources: list[InputRecord] = []
     dead: list[DeadLetter] = []
     for rec in records:
@@ -112,7 +115,7 @@ def decode(
             dead.append(DeadLetter(rec, STAGE_DECODE, reason))
             continue
         try:
-            txs.append(Transaction.model_validate_json(rec.value))
+            txs.append(model.model_validate_json(rec.value))
         except ValidationError as exc:
             dead.append(DeadLetter(rec, STAGE_DECODE, _describe(exc)))
             continue
@@ -125,41 +128,56 @@ def decode(
 
 @dataclass(frozen=True)
 class Pseudonymised:
-    """A batch after tokenisation: columns for the features, PII only for the envelope."""
+    """A batch after tokenisation: the store's columns, and PII only for the envelope."""
 
-    transaction_ids: list[str]
+    events: EventBatch
     customer_tokens: list[str]
-    terminal_ids: list[str]
     event_times: list[datetime]
-    events: Events
     pii: list[dict[str, Any]] = field(repr=False)
+
+    @property
+    def transaction_ids(self) -> list[str]:
+        return list(self.events.transaction_ids)
+
+    @property
+    def terminal_ids(self) -> list[str]:
+        return self.events.terminals.tolist()
 
 
 def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymised:
-    customer_tokens = tokenizer.tokens(t.customer_id for t in txs)
-    device_tokens = tokenizer.tokens(t.device_id for t in txs)
-    events = Events(
-        t=micros_to_seconds(
-            np.fromiter(((t.timestamp - _EPOCH) // _MICROSECOND for t in txs), dtype=np.int64,
-                        count=len(txs))
-        ),
-        amount=np.fromiter((t.amount for t in txs), dtype=np.float64, count=len(txs)),
-        device_key=np.fromiter(map(equality_key, device_tokens), dtype=np.float64,
-                               count=len(txs)),
-        country_key=country_keys(np.array([t.country for t in txs], dtype=object)),
+    n = len(txs)
+    customer_tokens = [c or "" for c in tokenizer.tokens(t.customer_id for t in txs)]
+    terminals = np.array([t.terminal_id for t in txs], dtype=object)
+    events = EventBatch(
+        transaction_ids=[t.transaction_id for t in txs],
+        cards=customer_tokens,
+        terminals=terminals,
+        terminal_keys=terminal_hash(terminals),
+        t_us=np.fromiter(((t.timestamp - _EPOCH) // _MICROSECOND for t in txs), dtype=np.int64,
+                         count=n),
+        amount=np.fromiter((t.amount for t in txs), dtype=np.float64, count=n),
+        device=equality_keys(tokenizer.tokens(t.device_id for t in txs)),
+        country=country_keys(np.array([t.country for t in txs], dtype=object)),
     )
     pii = [
         {"customer_id": t.customer_id, "card_number": t.card_number, "device_id": t.device_id,
          "ip": t.ip}
         for t in txs
     ]
-    return Pseudonymised(
-        transaction_ids=[t.transaction_id for t in txs],
-        customer_tokens=[c or "" for c in customer_tokens],
-        terminal_ids=[t.terminal_id for t in txs],
-        event_times=[t.timestamp for t in txs],
-        events=events,
-        pii=pii,
+    return Pseudonymised(events, customer_tokens, [t.timestamp for t in txs], pii)
+
+
+def label_batch(labels: Sequence[Label], tokenizer: Tokenizer) -> LabelBatch:
+    """Fraud reports keyed like the events they describe (card tokens, no customer ids)."""
+    return LabelBatch(
+        transaction_ids=[lb.transaction_id for lb in labels],
+        cards=[c or "" for c in tokenizer.tokens(lb.customer_id for lb in labels)],
+        terminals=[lb.terminal_id for lb in labels],
+        t_us=np.fromiter(((lb.timestamp - _EPOCH) // _MICROSECOND for lb in labels),
+                         dtype=np.int64, count=len(labels)),
+        reported_us=np.fromiter(((lb.reported_at - _EPOCH) // _MICROSECOND for lb in labels),
+                                dtype=np.int64, count=len(labels)),
+        is_fraud=np.fromiter((lb.is_fraud for lb in labels), dtype=bool, count=len(labels)),
     )
 
 
@@ -167,7 +185,7 @@ def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymi
 
 
 def enrich(batch: Pseudonymised, store: RedisFeatureStore) -> np.ndarray:
-    return store.update_many(batch.customer_tokens, batch.transaction_ids, batch.events)
+    return store.update_many(batch.events)
 
 
 def decide(scores: np.ndarray, policy: Policy) -> np.ndarray:
@@ -251,18 +269,28 @@ class Scorer:
             outputs, batch.transaction_ids, scores, decisions, dead, n_alerts, features
         )
 
+    def process_labels(self, records: Sequence[InputRecord]) -> BatchResult:
+        """Apply fraud reports to feature state; malformed ones are dead-lettered."""
+        labels, _, dead = decode(records, self.max_event_bytes, Label)
+        if labels:
+            self.store.apply_labels(label_batch(labels, self.tokenizer))
+        empty = np.empty(0)
+        return BatchResult([d.to_output(self.topics.dlq) for d in dead], [], empty,
+                           empty.astype(str), dead, 0, np.empty((0, len(FEATURE_NAMES))))
+
     def _emit(
         self, batch: Pseudonymised, features: np.ndarray, scores: np.ndarray,
         decisions: np.ndarray,
     ) -> list[Output]:
         now = datetime.now(UTC)
         version = self.model.version
+        tx_ids, terminals = batch.transaction_ids, batch.terminal_ids
         out: list[Output] = []
         flagged = np.flatnonzero(decisions != "allow")
         if flagged.size:
             why = reasons(self.model.contributions_many(features[flagged]), features[flagged])
             for row, reason_list in zip(flagged, why, strict=True):
-                tx_id = batch.transaction_ids[row]
+                tx_id = tx_ids[row]
                 aid = alert_id(version, tx_id)
                 alert = Alert(
                     alert_id=aid,
@@ -270,7 +298,7 @@ class Scorer:
                     event_time=batch.event_times[row],
                     scored_at=now,
                     customer_token=batch.customer_tokens[row],
-                    terminal_id=batch.terminal_ids[row],
+                    terminal_id=terminals[row],
                     fraud_score=float(scores[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,
@@ -280,13 +308,13 @@ class Scorer:
                 key = batch.customer_tokens[row].encode()
                 out.append(Output(self.topics.alerts, key, alert.model_dump_json().encode()))
         if self.emit_scores:
-            for row, tx_id in enumerate(batch.transaction_ids):
+            for row, tx_id in enumerate(tx_ids):
                 record = ScoreRecord(
                     transaction_id=tx_id,
                     event_time=batch.event_times[row],
                     scored_at=now,
                     customer_token=batch.customer_tokens[row],
-                    terminal_id=batch.terminal_ids[row],
+                    terminal_id=terminals[row],
                     fraud_score=float(scores[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,

@@ -551,8 +551,8 @@ def _frames(
     # then, fraud is reported sooner (cardholder disputes), after 20-100 % of the delay.
     delay_ns = int(np.ceil(label_delay_days * 86_400 * 10**9))
     fraud_share = rng.uniform(0.2, 1.0, count)
-    report_ns = np.where(rows.scenario != GENUINE, (fraud_share * delay_ns).astype(np.int64),
-                         delay_ns)
+    early_ms = (fraud_share * delay_ns).astype(np.int64) // 1_000_000  # ms, as event times
+    report_ns = np.where(rows.scenario != GENUINE, early_ms * 1_000_000, delay_ns)
     has_device = rows.device >= 0
     device_index = pa.array(rows.device, mask=~has_device)
     transaction_id = _prefixed_ids(f"tx-{seed}-", np.arange(count), 12)

@@ -1,9 +1,10 @@
 """Every feature, declared once: training, streaming and replay all read this table.
 
-The walking skeleton uses per-card state with exponentially decayed windows: a window of
-"1d" is a decay time constant of one day, so each card needs a fixed 12-number state and
-one update per event, computed identically offline and online (``features.kernel``).
-Exact sliding windows and terminal features come with the feature-store issue.
+Card windows are exact over event time, current transaction included: a window of 1 day
+at time t covers the card's earlier transactions in (t - 1 day, t]. Terminal windows follow
+the Fraud Detection Handbook (windows ending ``TERMINAL_DELAY`` before the event, so their
+labels are known) on hour buckets: the window of w days at hour H covers hours
+[H - 168 - 24·w, H - 168). Offline and online use the same buckets, so they agree exactly.
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ from typing import Literal
 
 import numpy as np
 
-Entity = Literal["transaction", "card"]
+Entity = Literal["transaction", "card", "terminal"]
 
-HOUR = 3600.0
-DAY = 86400.0
-SECONDS_SINCE_CAP = 30 * DAY  # "no previous transaction" reads as a month
+SECOND_US = 1_000_000
+MINUTE_US = 60 * SECOND_US
+HOUR_US = 60 * MINUTE_US
+DAY_US = 24 * HOUR_US
+
+CARD_WINDOWS_DAYS = (1, 7, 30)
+TERMINAL_WINDOWS_DAYS = (1, 7, 30)
+TERMINAL_DELAY_HOURS = 7 * 24
+CARD_LOOKBACK_US = 30 * DAY_US  # the longest card window: older events are never read
+BURST_WINDOW_US = 10 * MINUTE_US
+SMALL_AMOUNT = 5.0  # card-testing probes are tiny amounts
+SECONDS_SINCE_CAP = 30 * 86_400.0  # "no previous transaction" reads as a month
+NIGHT_LAST_HOUR = 6
 
 
 @dataclass(frozen=True)
@@ -32,36 +43,59 @@ class Feature:
     dtype: str = "float32"
 
 
+def _card_windows() -> list[Feature]:
+    out = []
+    for d in CARD_WINDOWS_DAYS:
+        out.append(Feature(f"card_count_{d}d", "card", f"{d}d", 1.0,
+                           f"card's transactions in the last {d} day(s), current included"))
+        out.append(Feature(f"card_mean_amount_{d}d", "card", f"{d}d", 0.0,
+                           f"card's mean amount over the last {d} day(s), current included"))
+    return out
+
+
+def _terminal_windows() -> list[Feature]:
+    out = []
+    for d in TERMINAL_WINDOWS_DAYS:
+        out.append(Feature(f"terminal_count_{d}d", "terminal", f"{d}d-delay7d", 0.0,
+                           f"terminal's transactions in the {d}-day window ending 7 days ago"))
+        out.append(Feature(f"terminal_risk_{d}d", "terminal", f"{d}d-delay7d", 0.0,
+                           "fraud share of those transactions (0 when there are none)"))
+    return out
+
+
 FEATURES: tuple[Feature, ...] = (
+    # the Fraud Detection Handbook's 15
     Feature("amount", "transaction", None, 0.0, "transaction amount"),
     Feature("is_weekend", "transaction", None, 0.0, "1 on Saturday or Sunday (UTC)"),
     Feature("is_night", "transaction", None, 0.0, "1 when the UTC hour is 6 or earlier"),
-    Feature(
-        "card_secs_since_prev", "card", None, SECONDS_SINCE_CAP,
-        "seconds since the card's previous transaction, capped at 30 days",
-    ),
-    Feature("card_count_1h", "card", "1h", 1.0, "decayed transaction count, current included"),
-    Feature("card_count_1d", "card", "1d", 1.0, "decayed transaction count, current included"),
-    Feature("card_mean_amount_1d", "card", "1d", 0.0, "decayed mean amount, current included"),
-    Feature("card_count_7d", "card", "7d", 1.0, "decayed transaction count, current included"),
-    Feature("card_mean_amount_7d", "card", "7d", 0.0, "decayed mean amount, current included"),
-    Feature("card_count_30d", "card", "30d", 1.0, "decayed transaction count, current included"),
-    Feature("card_mean_amount_30d", "card", "30d", 0.0, "decayed mean amount, current included"),
-    Feature("card_amount_ratio_30d", "card", "30d", 1.0, "amount / card's 30-day mean amount"),
-    Feature("card_new_device", "card", None, 0.0, "1 when the device is not among the last two"),
-    Feature("card_new_country", "card", None, 0.0, "1 when the country differs from the last"),
+    *_card_windows(),
+    *_terminal_windows(),
+    # fraudscore's own
+    Feature("card_secs_since_prev", "card", "30d", SECONDS_SINCE_CAP,
+            "seconds since the card's previous transaction, capped at 30 days"),
+    Feature("card_amount_ratio_30d", "card", "30d", 1.0, "amount / card's 30-day mean"),
+    Feature("card_distinct_terminals_1d", "card", "1d", 1.0,
+            "distinct terminals the card used in the last day, current included"),
+    Feature("card_small_count_10m", "card", "10m", 0.0,
+            f"card's transactions of at most {SMALL_AMOUNT:g} in the last 10 minutes"),
+    Feature("card_new_device", "card", "30d", 0.0,
+            "1 when the device was not used by the card in the last 30 days"),
+    Feature("card_new_country", "card", "30d", 0.0,
+            "1 when the country was not used by the card in the last 30 days"),
+    Feature("card_label_fraud_rate", "card", None, 0.0,
+            "fraud share of the card's labels reported so far (0 when none)"),
+    Feature("terminal_label_fraud_rate", "terminal", None, 0.0,
+            "fraud share of the terminal's labels reported so far (0 when none)"),
 )
 
 FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 N_FEATURES = len(FEATURES)
+INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 DEFAULTS = np.array([f.default for f in FEATURES], dtype=np.float64)
 
-# Card state layout (float64 each). Device/country slots hold opaque equality keys, never
-# the raw values: online they are hashes of HMAC tokens, offline factorised codes.
-STATE_FIELDS: tuple[str, ...] = (
-    "last_t", "n_seen", "c_1h", "c_1d", "s_1d", "c_7d", "s_7d", "c_30d", "s_30d",
-    "dev_1", "dev_2", "country",
-)
-STATE_SIZE = len(STATE_FIELDS)
-STATE_DTYPE = np.dtype("<f8")
-TAUS = {"1h": HOUR, "1d": DAY, "7d": 7 * DAY, "30d": 30 * DAY}
+# One stored card event: what the card windows need, and nothing personal (device and
+# country as opaque equality keys, the terminal as a hash).
+CARD_EVENT = np.dtype([
+    ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
+    ("country", "<u4"),
+])

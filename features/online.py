@@ -1,131 +1,599 @@
 """Online feature state in Redis: one read and one atomic write per batch.
 
-Layout (keys carry a hash tag per entity so they can live on Redis Cluster later):
+Keys (each carries a hash tag, so it maps to one Redis Cluster slot):
 
-- ``{ns}:card:{<token>}``: the card state, 12 little-endian float64 (96 bytes);
-- ``{ns}:seen:{<event hour>}``: a hash, transaction id → the features that event got, kept
-  for ``snapshot_ttl_s`` after its last write. Bucketing by the event's own hour lets a batch
-  read and write its snapshots with one HMGET/HSET per hour instead of one command per event.
+- ``{ns}:card:{<token>}``: the card's recent events (``CARD_EVENT`` records, 28 bytes
+  each, at most 30 days plus the batch), appended each batch, rewritten when trimmed;
+- ``{ns}:cl:{<shard>}`` / ``{ns}:tl:{<shard>}``: labels so far per card / terminal, fields
+  ``<name>:n`` and ``<name>:f`` kept by ``HINCRBY`` in 16 shard hashes (one HMGET each);
+- ``{ns}:th:{<hour>}`` / ``{ns}:tf:{<hour>}``: per hour, terminal → transactions and
+  on-time frauds, for the delayed terminal windows;
+- ``{ns}:seen:{<hour>}``: transaction id → the features it got (redelivery), and
+  ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery).
 
-Redis writes are not part of the Kafka transaction, so a batch may be redelivered after its
-state was written. The snapshot makes that safe: a redelivered event gets the features it
-got the first time, and its state update is not applied twice. Snapshots and state change
-together in one MULTI/EXEC, so a crash leaves either both or neither.
+The worker keeps the cards it owns in memory (Redis stays the durable copy, written every
+batch); after a rebalance the engine calls :meth:`RedisFeatureStore.invalidate`. Terminal
+hour buckets older than the 7-day delay are settled, so they are cached and re-read only
+every ``terminal_refresh_s``.
 """
 
 from __future__ import annotations
 
+import time
+import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import redis
 
-from features.definitions import N_FEATURES, STATE_DTYPE, STATE_SIZE
-from features.kernel import Events, apply_events, empty_states
+from features.definitions import (
+    CARD_EVENT,
+    CARD_LOOKBACK_US,
+    DAY_US,
+    FEATURE_NAMES,
+    HOUR_US,
+    INDEX,
+    N_FEATURES,
+    TERMINAL_DELAY_HOURS,
+    TERMINAL_WINDOWS_DAYS,
+)
+from features.windows import (
+    CardEvents,
+    card_features,
+    hours_of,
+    label_rate,
+    sorted_order,
+    terminal_columns,
+    terminal_window_bounds,
+    transaction_features,
+)
 
-_STATE_BYTES = STATE_SIZE * STATE_DTYPE.itemsize
 _FEATURE_BYTES = N_FEATURES * 8
+_LONGEST_TERMINAL_HOURS = 24 * max(TERMINAL_WINDOWS_DAYS)
+_CARD_TTL_MS = (CARD_LOOKBACK_US + 2 * DAY_US) // 1000  # > lookback + the rewrite interval
+_SHARDS = 16  # label counters live in 16 hashes per kind: one HMGET each per batch
 
 
 class FeatureStoreUnavailable(RuntimeError):
-    """Redis could not be reached or answered with an error; the batch was not applied."""
+    """Redis could not be reached or answered with an error; nothing was applied."""
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """A micro-batch as the store needs it: tokens and keys only, no personal data."""
+
+    transaction_ids: Sequence[str]
+    cards: Sequence[str]  # card tokens
+    terminals: np.ndarray  # terminal ids (object array of str)
+    terminal_keys: np.ndarray  # uint32 hashes of the terminal ids
+    t_us: np.ndarray  # int64
+    amount: np.ndarray  # float64
+    device: np.ndarray  # uint32, 0 = unknown
+    country: np.ndarray  # uint32, 0 = unknown
+
+    def __len__(self) -> int:
+        return len(self.t_us)
+
+
+@dataclass(frozen=True)
+class LabelBatch:
+    transaction_ids: Sequence[str]
+    cards: Sequence[str]
+    terminals: Sequence[str]
+    t_us: np.ndarray  # the transaction's event time
+    reported_us: np.ndarray
+    is_fraud: np.ndarray  # bool
+
+
+class _TerminalWindows:
+    """Worker-local hour buckets of every terminal and the window sums built from them."""
+
+    def __init__(self, refresh_s: float) -> None:
+        self.refresh_s = refresh_s
+        self.index: dict[str, int] = {}
+        self.buckets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.sums: dict[int, tuple[float, dict[int, np.ndarray], dict[int, np.ndarray]]] = {}
+
+    def idx(self, terminals: Sequence[str]) -> np.ndarray:
+        get = self.index.setdefault
+        return np.fromiter((get(t, len(self.index)) for t in terminals), dtype=np.int64,
+                           count=len(terminals))
+
+    def hours_to_load(self, hours: np.ndarray) -> list[int]:
+        """Buckets that the windows of these event hours need and that are not cached."""
+        now = time.monotonic()
+        for h in list(self.sums):
+            if now - self.sums[h][0] > self.refresh_s:
+                del self.sums[h]
+                self.buckets.clear()  # stale: other workers may have added labels
+        needed: set[int] = set()
+        unique_hours = np.unique(hours).tolist()
+        for h in unique_hours:
+            if h in self.sums:
+                continue
+            end = h - TERMINAL_DELAY_HOURS
+            needed.update(range(end - _LONGEST_TERMINAL_HOURS - 1, end))
+        # buckets far behind every hour in play are no longer needed
+        self.evict_before(min(unique_hours) - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 48)
+        return sorted(b for b in needed if b not in self.buckets)
+
+    def store(self, hour: int, counts: dict[bytes, bytes], frauds: dict[bytes, bytes]) -> None:
+        names = [k.decode() for k in counts]
+        idx = self.idx(names)
+        c = np.fromiter((int(v) for v in counts.values()), dtype=np.int64, count=len(counts))
+        f = np.zeros(len(names), dtype=np.int64)
+        if frauds:
+            pos = {name: i for i, name in enumerate(names)}
+            for k, v in frauds.items():
+                name = k.decode()
+                if name not in pos:  # a label for a transaction counted elsewhere
+                    pos[name] = len(names)
+                    names.append(name)
+                    idx = np.append(idx, self.idx([name]))
+                    c = np.append(c, 0)
+                    f = np.append(f, 0)
+                f[pos[name]] = int(v)
+        self.buckets[hour] = (idx, c, f)
+
+    def add_fraud(self, hour: int, terminal: str) -> None:
+        """Keep a cached bucket in step with a label this worker applied."""
+        if hour in self.buckets:
+            idx, c, f = self.buckets[hour]
+            t = self.idx([terminal])[0]
+            hit = np.flatnonzero(idx == t)
+            if hit.size:
+                f = f.copy()
+                f[hit[0]] += 1
+            else:
+                idx, c, f = np.append(idx, t), np.append(c, 0), np.append(f, 1)
+            self.buckets[hour] = (idx, c, f)
+        for h in [h for h in self.sums if h - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS
+                  <= hour < h - TERMINAL_DELAY_HOURS]:
+            del self.sums[h]
+
+    def window_sums(self, hour: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+        """Per-terminal counts and on-time frauds of the delayed windows at `hour`."""
+        cached = self.sums.get(hour)
+        if cached is not None:
+            return cached[1], cached[2]
+        size = len(self.index)
+        prev = self.sums.get(hour - 1)
+        counts, frauds = {}, {}
+        for d, (first, end) in terminal_window_bounds(np.array([hour])).items():
+            lo, hi = int(first[0]), int(end[0])
+            if prev is not None:  # slide by one hour: add the newest bucket, drop the oldest
+                c, f = _grown(prev[1][d], size), _grown(prev[2][d], size)
+                self._add(c, f, hi - 1, +1)
+                self._add(c, f, lo - 1, -1)
+            else:
+                c = np.zeros(size, dtype=np.int64)
+                f = np.zeros(size, dtype=np.int64)
+                for b in range(lo, hi):
+                    self._add(c, f, b, +1)
+            counts[d], frauds[d] = c, f
+        self.sums[hour] = (prev[0] if prev is not None else time.monotonic(), counts, frauds)
+        for old in sorted(self.sums)[:-4]:  # a few recent hours are enough
+            del self.sums[old]
+        return counts, frauds
+
+    def _add(self, c: np.ndarray, f: np.ndarray, bucket: int, sign: int) -> None:
+        part = self.buckets.get(bucket)
+        if part is None:
+            return
+        idx, bc, bf = part
+        c += sign * np.bincount(idx, weights=bc, minlength=len(c)).astype(np.int64)[: len(c)]
+        f += sign * np.bincount(idx, weights=bf, minlength=len(f)).astype(np.int64)[: len(f)]
+
+    def evict_before(self, hour: int) -> None:
+        for b in [b for b in self.buckets if b < hour]:
+            del self.buckets[b]
+
+
+def _grown(a: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros(size, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 class RedisFeatureStore:
-    """Card features kept in Redis; `update_many` reads, computes and writes one batch."""
+    """Features for micro-batches (`update_many`) and label feedback (`apply_labels`)."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "fs", snapshot_ttl_s: int = 86_400):
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "fs",
+        snapshot_ttl_s: int = 86_400,
+        cache_cards: int = 500_000,
+        terminal_refresh_s: float = 300.0,
+    ) -> None:
         self._r = client
         self._ns = namespace
         self._ttl = snapshot_ttl_s
+        # card token → (its recent events, event time of the last full rewrite or None)
+        self._cards: OrderedDict[str, tuple[np.ndarray, int | None]] = OrderedDict()
+        self._cache_cards = cache_cards
+        self._terminals = _TerminalWindows(terminal_refresh_s)
 
-    def _card_key(self, card: str) -> str:
-        return f"{self._ns}:card:{{{card}}}"
+    # ---- keys ---------------------------------------------------------------------------
 
-    def _seen_key(self, hour: int) -> str:
-        return f"{self._ns}:seen:{{{hour}}}"
+    def _k(self, kind: str, tag: object) -> str:
+        return f"{self._ns}:{kind}:{{{tag}}}"
 
-    def update_many(
-        self, cards: Sequence[str], transaction_ids: Sequence[str], events: Events
-    ) -> np.ndarray:
+    def invalidate(self) -> None:
+        """Forget cached card state (after a rebalance another worker may own the cards)."""
+        self._cards.clear()
+
+    # ---- events -------------------------------------------------------------------------
+
+    def update_many(self, batch: EventBatch) -> np.ndarray:
         """Features for a batch (rows in input order), applying each new event exactly once."""
-        n = len(events)
+        n = len(batch)
         if n == 0:
             return np.empty((0, N_FEATURES), dtype=np.float64)
-        unique_cards, card_idx = np.unique(np.asarray(cards, dtype=object), return_inverse=True)
-        tx_ids = list(transaction_ids)
-        hours = np.floor(events.t / 3600.0).astype(np.int64)
-        buckets = {int(h): np.flatnonzero(hours == h) for h in np.unique(hours)}
-        card_keys = [self._card_key(c) for c in unique_cards]
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for hour, rows in buckets.items():
-                pipe.hmget(self._seen_key(hour), [tx_ids[i] for i in rows])
-            pipe.mget(card_keys)
-            *found, raw_states = pipe.execute()
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"reading feature state: {exc}") from exc
-        snapshots: list[bytes | None] = [None] * n
-        for rows, values in zip(buckets.values(), found, strict=True):
-            for i, v in zip(rows, values, strict=True):
-                snapshots[i] = v
+        tx_ids = list(batch.transaction_ids)
+        ev_hours = hours_of(batch.t_us)
+        seen_rows = {int(h): np.flatnonzero(ev_hours == h) for h in np.unique(ev_hours)}
+        cards = list(dict.fromkeys(batch.cards))
+        missing = [c for c in cards if c not in self._cards]
+        terminals = list(dict.fromkeys(batch.terminals.tolist()))
+        load_hours = self._terminals.hours_to_load(ev_hours)
 
-        # A transaction id seen earlier in this batch is a duplicate delivery: it takes the
-        # features of its first occurrence and is not applied again.
-        _, first, dup_of = np.unique(
-            np.asarray(transaction_ids, dtype=object), return_index=True, return_inverse=True
-        )
-        first_of = first[dup_of]
+        replies = self._read(tx_ids, seen_rows, cards, missing, terminals, load_hours)
+        snapshots, card_blobs, card_labels, term_labels, buckets = replies
+        for c, blob in zip(missing, card_blobs, strict=True):
+            self._remember(c, _decode_events(blob), None)
+        for h, (counts, frauds) in zip(load_hours, buckets, strict=True):
+            self._terminals.store(h, counts, frauds)
+
         out = np.empty((n, N_FEATURES), dtype=np.float64)
-        replayed = np.fromiter(
-            (s is not None and len(s) == _FEATURE_BYTES for s in snapshots), dtype=bool, count=n
-        )
-        if replayed.any():
-            rows = np.flatnonzero(replayed)
-            blob = b"".join(snapshots[i] for i in rows)
-            out[rows] = np.frombuffer(blob, dtype=STATE_DTYPE).reshape(len(rows), N_FEATURES)
+        replayed = np.zeros(n, dtype=bool)
+        for rows, values in zip(seen_rows.values(), snapshots, strict=True):
+            for i, v in zip(rows, values, strict=True):
+                if v is not None and len(v) == _FEATURE_BYTES:
+                    out[i] = np.frombuffer(v, dtype="<f8")
+                    replayed[i] = True
+        _, first, dup_of = np.unique(np.asarray(tx_ids, dtype=object), return_index=True,
+                                     return_inverse=True)
+        first_of = first[dup_of]
         fresh = np.flatnonzero(~replayed & (first_of == np.arange(n)))
         copies = np.flatnonzero(~replayed & (first_of != np.arange(n)))
-        if fresh.size == 0:
-            out[copies] = out[first_of[copies]]
-            return out
-
-        states = _decode_states(raw_states)
-        out[fresh] = apply_events(states, card_idx[fresh], events.take(fresh))
+        if fresh.size:
+            computed = self._compute(batch, fresh, cards, card_labels, terminals, term_labels,
+                                     out)
+            self._write(batch, fresh, out, tx_ids, cards, computed)
         out[copies] = out[first_of[copies]]
-
-        touched = np.unique(card_idx[fresh])
-        try:
-            pipe = self._r.pipeline(transaction=True)
-            pipe.mset({card_keys[i]: states[i].astype(STATE_DTYPE).tobytes() for i in touched})
-            fresh_hours = hours[fresh]
-            for hour in np.unique(fresh_hours):
-                rows = fresh[fresh_hours == hour]
-                key = self._seen_key(int(hour))
-                pipe.hset(key, mapping={tx_ids[i]: out[i].astype(STATE_DTYPE).tobytes()
-                                        for i in rows})
-                pipe.expire(key, self._ttl)
-            pipe.execute()
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
         return out
 
-    def load_states(self, cards: Sequence[str], states: np.ndarray, chunk: int = 10_000) -> None:
-        """Bulk-load card states computed offline (bootstrapping a fresh store)."""
-        for start in range(0, len(cards), chunk):
-            part = slice(start, start + chunk)
-            mapping = {
-                self._card_key(c): s.astype(STATE_DTYPE).tobytes()
-                for c, s in zip(cards[part], states[part], strict=True)
-            }
-            self._r.mset(mapping)
+    def _read(self, tx_ids: list[str], seen_rows: dict[int, np.ndarray], cards: list[str],
+              missing: list[str], terminals: list[str], load_hours: list[int]) -> tuple:
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for hour, rows in seen_rows.items():
+                pipe.hmget(self._k("seen", hour), [tx_ids[i] for i in rows])
+            if missing:
+                pipe.mget([self._k("card", c) for c in missing])
+            card_shards = self._read_counters(pipe, "cl", cards)
+            term_shards = self._read_counters(pipe, "tl", terminals)
+            for h in load_hours:
+                pipe.hgetall(self._k("th", h))
+                pipe.hgetall(self._k("tf", h))
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"reading feature state: {exc}") from exc
+        k = len(seen_rows)
+        snapshots = replies[:k]
+        if missing:
+            card_blobs = replies[k]
+            k += 1
+        else:
+            card_blobs = []
+        card_labels = _decode_counters(card_shards, replies[k:k + len(card_shards)], len(cards))
+        k += len(card_shards)
+        term_labels = _decode_counters(term_shards, replies[k:k + len(term_shards)],
+                                       len(terminals))
+        k += len(term_shards)
+        flat = replies[k:]
+        buckets = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(load_hours))]
+        return snapshots, card_blobs, card_labels, term_labels, buckets
+
+    def _read_counters(self, pipe: redis.client.Pipeline, kind: str, names: list[str]
+                       ) -> list[np.ndarray]:
+        """Queue one HMGET per shard hash; returns the name positions of each shard."""
+        shards = np.fromiter((zlib.crc32(nm.encode()) % _SHARDS for nm in names), dtype=np.int64,
+                             count=len(names))
+        groups = []
+        for shard in np.unique(shards):
+            rows = np.flatnonzero(shards == shard)
+            fields = [f"{names[i]}{suffix}" for i in rows for suffix in (":n", ":f")]
+            pipe.hmget(self._k(kind, int(shard)), fields)
+            groups.append(rows)
+        return groups
+
+    def _incr_counters(self, pipe: redis.client.Pipeline, kind: str, names: np.ndarray,
+                       fraud: np.ndarray) -> None:
+        """Add one label (and `fraud`) per row to each name's counters, aggregated."""
+        uniq, inverse = np.unique(names.astype(str), return_inverse=True)
+        n = np.bincount(inverse, minlength=len(uniq))
+        f = np.bincount(inverse, weights=fraud.astype(np.int64), minlength=len(uniq))
+        for name, cn, cf in zip(uniq.tolist(), n.tolist(), f.astype(np.int64).tolist(),
+                                strict=True):
+            key = self._k(kind, zlib.crc32(name.encode()) % _SHARDS)
+            pipe.hincrby(key, f"{name}:n", cn)
+            if cf:
+                pipe.hincrby(key, f"{name}:f", cf)
+
+    def _remember(self, card: str, events: np.ndarray, rewritten_us: int | None) -> None:
+        self._cards[card] = (events, rewritten_us)
+        self._cards.move_to_end(card)
+        while len(self._cards) > self._cache_cards:
+            self._cards.popitem(last=False)
+
+    def _compute(self, batch: EventBatch, fresh: np.ndarray, cards: list[str],
+                 card_labels: np.ndarray, terminals: list[str],
+                 term_labels: np.ndarray, out: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """Features of the fresh rows into `out`; returns what `_write` persists."""
+        t_us = batch.t_us[fresh]
+        res = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
+        transaction_features(t_us, batch.amount[fresh], res)
+
+        # card windows: stored recent events of these cards, then the fresh events
+        card_pos = {c: i for i, c in enumerate(cards)}
+        batch_card = np.fromiter((card_pos[batch.cards[i]] for i in fresh), dtype=np.int64,
+                                 count=len(fresh))
+        hist = [self._cards[c][0] for c in cards]
+        lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
+        stored = np.concatenate(hist) if hist else np.empty(0, dtype=CARD_EVENT)
+        hist_card = np.repeat(np.arange(len(cards)), lengths)
+        recent = stored["t_us"] > int(t_us.min()) - CARD_LOOKBACK_US
+        stored, hist_card = stored[recent], hist_card[recent]
+        events = CardEvents(
+            card=np.concatenate([hist_card, batch_card]),
+            t_us=np.concatenate([stored["t_us"], t_us]),
+            amount=np.concatenate([stored["amount"], batch.amount[fresh]]),
+            terminal=np.concatenate([stored["terminal"], batch.terminal_keys[fresh]]),
+            device=np.concatenate([stored["device"], batch.device[fresh]]),
+            country=np.concatenate([stored["country"], batch.country[fresh]]),
+        )
+        card_part = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
+        card_features(events, card_part, rows=np.arange(len(stored), len(events)),
+                      order=sorted_order(events, stored=len(stored)))
+        res[:, _CARD_COLS] = card_part[:, _CARD_COLS]
+        kept = np.bincount(hist_card, minlength=len(cards))
+
+        # terminal windows from the cached hour buckets
+        term_idx = self._terminals.idx(batch.terminals[fresh].tolist())
+        hours = hours_of(t_us)
+        counts = {d: np.zeros(len(fresh), dtype=np.int64) for d in TERMINAL_WINDOWS_DAYS}
+        frauds = {d: np.zeros(len(fresh), dtype=np.int64) for d in TERMINAL_WINDOWS_DAYS}
+        for h in np.unique(hours):
+            rows = np.flatnonzero(hours == h)
+            c_sum, f_sum = self._terminals.window_sums(int(h))
+            idx = term_idx[rows]
+            inside = idx < len(next(iter(c_sum.values())))
+            for d in TERMINAL_WINDOWS_DAYS:
+                counts[d][rows[inside]] = c_sum[d][idx[inside]]
+                frauds[d][rows[inside]] = f_sum[d][idx[inside]]
+        terminal_columns(counts, frauds, res)
+
+        # labels reported so far
+        cl = card_labels[batch_card]
+        res[:, INDEX["card_label_fraud_rate"]] = label_rate(cl[:, 0], cl[:, 1])
+        term_pos = {t: i for i, t in enumerate(terminals)}
+        tpos = np.fromiter((term_pos[t] for t in batch.terminals[fresh].tolist()),
+                           dtype=np.int64, count=len(fresh))
+        tl = term_labels[tpos]
+        res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(tl[:, 0], tl[:, 1])
+        out[fresh] = res
+
+        # the new events join the cached history (trimmed to the lookback)
+        new = np.empty(len(fresh), dtype=CARD_EVENT)
+        new["t_us"], new["amount"] = t_us, batch.amount[fresh]
+        new["terminal"], new["device"] = batch.terminal_keys[fresh], batch.device[fresh]
+        new["country"] = batch.country[fresh]
+        return batch_card, new, kept
+
+    def _write(self, batch: EventBatch, fresh: np.ndarray, out: np.ndarray, tx_ids: list[str],
+               cards: list[str], computed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Persist the fresh events, their terminal counts and feature snapshots atomically.
+
+        A card's blob is appended to; it is rewritten (trimmed, with a fresh TTL) at most
+        about once a day, or when most of it has aged out of the lookback.
+        """
+        batch_card, new, kept = computed
+        order = np.argsort(batch_card, kind="stable")
+        bounds = np.searchsorted(batch_card[order], np.arange(len(cards) + 1))
+        now_us = int(batch.t_us[fresh].max())
+        horizon = int(batch.t_us[fresh].min()) - CARD_LOOKBACK_US
+        try:
+            pipe = self._r.pipeline(transaction=True)
+            updated: dict[str, tuple[np.ndarray, int | None]] = {}
+            for ci, card in enumerate(cards):
+                rows = order[bounds[ci]:bounds[ci + 1]]
+                if rows.size == 0:
+                    continue
+                key = self._k("card", card)
+                full, rewritten = self._cards[card]
+                added = new[rows]
+                stale = rewritten is None or now_us - rewritten > DAY_US
+                if stale or (len(full) - kept[ci]) * 4 > len(full):
+                    merged = np.concatenate([full[full["t_us"] > horizon], added])
+                    pipe.set(key, merged.tobytes(), px=_CARD_TTL_MS)
+                    updated[card] = (merged, now_us)
+                else:
+                    pipe.append(key, added.tobytes())
+                    updated[card] = (np.concatenate([full, added]), rewritten)
+            hours = hours_of(batch.t_us[fresh])
+            terms = batch.terminals[fresh]
+            bucket_ttl = int((TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 48) * 3600)
+            for h in np.unique(hours):
+                rows = np.flatnonzero(hours == h)
+                names, counts = np.unique(terms[rows].astype(str), return_counts=True)
+                key = self._k("th", int(h))
+                for name, c in zip(names.tolist(), counts.tolist(), strict=True):
+                    pipe.hincrby(key, name, c)
+                pipe.expire(key, bucket_ttl)
+                seen = self._k("seen", int(h))
+                pipe.hset(seen, mapping={tx_ids[fresh[i]]: out[fresh[i]].astype("<f8").tobytes()
+                                         for i in rows})
+                pipe.expire(seen, self._ttl)
+            pipe.execute()
+        except redis.RedisError as exc:
+            for card in cards:  # our cache may now be ahead of Redis: reload next time
+                self._cards.pop(card, None)
+            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
+        for card, (events, rewritten) in updated.items():
+            self._remember(card, events, rewritten)
+
+    # ---- labels -------------------------------------------------------------------------
+
+    def apply_labels(self, labels: LabelBatch) -> int:
+        """Apply fraud reports once each (first report wins); returns how many were new."""
+        n = len(labels.transaction_ids)
+        if n == 0:
+            return 0
+        tx_ids = list(labels.transaction_ids)
+        hours = hours_of(labels.t_us)
+        groups = {int(h): np.flatnonzero(hours == h) for h in np.unique(hours)}
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            for h, rows in groups.items():
+                pipe.hmget(self._k("lab", h), [tx_ids[i] for i in rows])
+            known = pipe.execute()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"reading labels: {exc}") from exc
+        new = np.ones(n, dtype=bool)
+        for rows, values in zip(groups.values(), known, strict=True):
+            new[rows] = [v is None for v in values]
+        _, first = np.unique(np.asarray(tx_ids, dtype=object), return_index=True)
+        once = np.zeros(n, dtype=bool)
+        once[first] = True
+        apply = np.flatnonzero(new & once)
+        if apply.size == 0:
+            return 0
+        delay_us = TERMINAL_DELAY_HOURS * HOUR_US
+        label_ttl = int((delay_us // 1_000_000) + 40 * 86_400)
+        fraud = labels.is_fraud[apply].astype(bool)
+        on_time = fraud & (labels.reported_us[apply] <= labels.t_us[apply] + delay_us)
+        terms = np.asarray(labels.terminals, dtype=object)[apply]
+        try:
+            pipe = self._r.pipeline(transaction=True)
+            for h in np.unique(hours[apply]):
+                rows = apply[hours[apply] == h]
+                key = self._k("lab", int(h))
+                pipe.hset(key, mapping={tx_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
+                pipe.expire(key, label_ttl)
+            self._incr_counters(pipe, "cl", np.asarray(labels.cards, dtype=object)[apply], fraud)
+            self._incr_counters(pipe, "tl", terms, fraud)
+            pairs = {}
+            for h, term in zip(hours[apply][on_time].tolist(), terms[on_time].tolist(),
+                               strict=True):
+                pairs[(h, term)] = pairs.get((h, term), 0) + 1
+            for (h, term), c in pairs.items():
+                pipe.hincrby(self._k("tf", h), term, c)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"writing labels: {exc}") from exc
+        for (h, term), c in pairs.items():
+            for _ in range(c):
+                self._terminals.add_fraud(h, term)
+        return int(apply.size)
 
 
-def _decode_states(raw: list[bytes | None]) -> np.ndarray:
-    """Stored states as an (n, STATE_SIZE) array; missing or corrupt entries start empty."""
-    states = empty_states(len(raw))
-    ok = [i for i, v in enumerate(raw) if v is not None and len(v) == _STATE_BYTES]
-    if ok:
-        blob = b"".join(raw[i] for i in ok)  # type: ignore[misc]
-        states[ok] = np.frombuffer(blob, dtype=STATE_DTYPE).reshape(len(ok), STATE_SIZE)
-    return states
+    # ---- bootstrap ----------------------------------------------------------------------
+
+    def load_history(self, events: EventBatch, labels: LabelBatch, until_us: int,
+                     chunk: int = 5_000) -> None:
+        """Write the state a stream would have left at `until_us`, from a whole history.
+
+        Much faster than streaming it (no per-batch features), and the result is the same:
+        the last 30 days of each card, the terminal hour buckets, and the labels reported
+        so far (first report per transaction).
+        """
+        before = events.t_us < until_us
+        t_us = events.t_us[before]
+        cards = np.asarray(events.cards, dtype=object)[before]
+        recent = t_us > until_us - CARD_LOOKBACK_US - DAY_US
+        rec = np.empty(int(recent.sum()), dtype=CARD_EVENT)
+        rec["t_us"] = t_us[recent]
+        rec["amount"] = events.amount[before][recent]
+        rec["terminal"] = events.terminal_keys[before][recent]
+        rec["device"] = events.device[before][recent]
+        rec["country"] = events.country[before][recent]
+        owner = cards[recent]
+        order = np.argsort(owner, kind="stable")
+        names, starts = np.unique(owner[order], return_index=True)
+        ends = np.r_[starts[1:], len(order)]
+        card_ttl_ms = int((CARD_LOOKBACK_US + DAY_US) // 1000)
+        pipe = self._r.pipeline(transaction=False)
+        for name, a, b in zip(names.tolist(), starts, ends, strict=True):
+            pipe.set(self._k("card", name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
+            if len(pipe) >= chunk:
+                pipe.execute()
+        hours = hours_of(t_us)
+        terms = np.asarray(events.terminals, dtype=object)[before].astype(str)
+        keep = hours >= hours_of(np.array([until_us]))[0] - TERMINAL_DELAY_HOURS \
+            - _LONGEST_TERMINAL_HOURS - 2
+        pairs = np.char.add(np.char.add(hours[keep].astype(str), "|"), terms[keep])
+        uniq, counts = np.unique(pairs, return_counts=True)
+        by_hour: dict[str, dict[str, int]] = {}
+        for pair, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+            h, term = pair.split("|", 1)
+            by_hour.setdefault(h, {})[term] = c
+        for h, mapping in by_hour.items():
+            pipe.hset(self._k("th", int(h)), mapping=mapping)
+            if len(pipe) >= chunk:
+                pipe.execute()
+        pipe.execute()
+        self.invalidate()
+        self._terminals = _TerminalWindows(self._terminals.refresh_s)
+        self._load_labels(labels, until_us, chunk)
+
+    def _load_labels(self, labels: LabelBatch, until_us: int, chunk: int) -> None:
+        """Labels reported by `until_us`, aggregated: the first report per transaction."""
+        rep = labels.reported_us <= until_us
+        ids = np.asarray(labels.transaction_ids, dtype=object)[rep]
+        order = np.lexsort((ids.astype(str), labels.reported_us[rep]))
+        _, first = np.unique(ids[order], return_index=True)
+        pick = np.flatnonzero(rep)[order[first]]
+        fraud = labels.is_fraud[pick].astype(np.int64)
+        hours = hours_of(labels.t_us[pick])
+        pipe = self._r.pipeline(transaction=False)
+        for h in np.unique(hours):
+            rows = pick[hours == h]
+            pipe.hset(self._k("lab", int(h)), mapping={
+                labels.transaction_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
+        for kind, owners in (("cl", labels.cards), ("tl", labels.terminals)):
+            self._incr_counters(pipe, kind, np.asarray(owners, dtype=object)[pick], fraud)
+        on_time = labels.is_fraud[pick] & (
+            labels.reported_us[pick] <= labels.t_us[pick] + TERMINAL_DELAY_HOURS * HOUR_US)
+        for h in np.unique(hours[on_time]):
+            rows = pick[on_time & (hours == h)]
+            terms, c = np.unique(np.asarray(labels.terminals, dtype=object)[rows].astype(str),
+                                 return_counts=True)
+            pipe.hset(self._k("tf", int(h)), mapping=dict(zip(terms.tolist(), c.tolist(),
+                                                              strict=True)))
+        pipe.execute()
+
+
+_CARD_COLS = [INDEX[name] for name in FEATURE_NAMES if name.startswith("card_")
+              and name != "card_label_fraud_rate"]
+
+
+def _decode_events(blob: bytes | None) -> np.ndarray:
+    """Stored card events; a blob that is not whole records is treated as empty."""
+    if not blob or len(blob) % CARD_EVENT.itemsize:
+        return np.empty(0, dtype=CARD_EVENT)
+    return np.frombuffer(blob, dtype=CARD_EVENT).copy()
+
+
+def _decode_counters(groups: list[np.ndarray], replies: list[list[bytes | None]], n: int
+                     ) -> np.ndarray:
+    """(labels, frauds) per name from the shard HMGET replies; missing = 0."""
+    out = np.zeros((n, 2), dtype=np.int64)
+    for rows, values in zip(groups, replies, strict=True):
+        flat = np.array([int(v) if v is not None else 0 for v in values], dtype=np.int64)
+        out[rows] = flat.reshape(len(rows), 2)
+    return out

@@ -20,6 +20,7 @@ from app.pipeline import InputRecord, Output, Scorer
 @dataclass
 class FileRunSummary:
     events: int = 0
+    labels: int = 0
     scored: int = 0
     alerts: int = 0
     dead: int = 0
@@ -42,10 +43,13 @@ def records_from_jsonl(path: Path) -> Iterator[InputRecord]:
 
 
 def records_from_values(
-    values: Sequence[bytes], keys: Sequence[bytes | None] | None = None, source: str = "memory"
+    values: Sequence[bytes], keys: Sequence[bytes | None] | None = None, source: str = "memory",
+    topics: Sequence[str] | None = None,
 ) -> Iterator[InputRecord]:
+    """In-memory records; `topics` marks label records (LABELS_TOPIC) in a merged stream."""
     for i, value in enumerate(values):
-        yield InputRecord(value, keys[i] if keys is not None else None, source, 0, i)
+        topic = topics[i] if topics is not None else source
+        yield InputRecord(value, keys[i] if keys is not None else None, topic, 0, i)
 
 
 def _dlq_line(out: Output) -> bytes:
@@ -106,7 +110,27 @@ def run_file(
     return summary
 
 
+LABELS_TOPIC = "fraud-labels"
+
+
 def _run_batch(
+    scorer: Scorer, batch: list[InputRecord], sinks: _Sinks, summary: FileRunSummary,
+    keep_scores: bool,
+) -> None:
+    """Labels of a batch take effect for the whole batch (as when an engine polls both
+    topics), then its transactions are scored in order."""
+    labels = [r for r in batch if r.topic == LABELS_TOPIC]
+    if labels:
+        result = scorer.process_labels(labels)
+        sinks.write(result.outputs)
+        summary.labels += len(labels)
+        summary.dead += len(result.dead)
+    if len(labels) < len(batch):
+        _run_transactions(scorer, [r for r in batch if r.topic != LABELS_TOPIC], sinks, summary,
+                          keep_scores)
+
+
+def _run_transactions(
     scorer: Scorer, batch: list[InputRecord], sinks: _Sinks, summary: FileRunSummary,
     keep_scores: bool,
 ) -> None:

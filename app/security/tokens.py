@@ -15,6 +15,8 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+
 TOKEN_HEX = 32  # 128 bits: collision-free for any realistic card population
 
 
@@ -79,6 +81,6 @@ class Tokenizer:
         return out
 
 
-def equality_key(token: str | None) -> float:
-    """A float64-exact 48-bit key from a token, for state slots that only compare equality."""
-    return float(int(token[:12], 16)) if token else 0.0
+def equality_keys(tokens: Iterable[str | None]) -> np.ndarray:
+    """32-bit keys from tokens (0 = missing), for state that only compares equality."""
+    return np.fromiter((int(t[:8], 16) or 1 if t else 0 for t in tokens), dtype=np.uint32)

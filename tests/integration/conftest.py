@@ -28,11 +28,11 @@ def model(simulated: tuple[pd.DataFrame, pd.DataFrame],
           tmp_path_factory: pytest.TempPathFactory) -> ModelRef:
     """A small real model, trained the way `fraudscore train` does."""
     tx, labels = simulated
-    offline = compute_features(tx)
-    trained = train_lightgbm(offline.features, labels["is_fraud"].to_numpy(), tx["timestamp"],
+    features = compute_features(tx, labels)
+    trained = train_lightgbm(features, labels["is_fraud"].to_numpy(), tx["timestamp"],
                              TrainConfig(n_estimators=60))
     registry: Path = tmp_path_factory.mktemp("registry")
-    return save(trained, registry, {"test": True}, offline.features.to_numpy()[:1000])
+    return save(trained, registry, {"test": True}, features.to_numpy()[:1000])
 
 
 def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:

@@ -1,0 +1,248 @@
+"""The feature arithmetic, vectorised, shared by the offline and the online computation.
+
+:func:`card_features` takes a table of card events (history and new events alike), sorts it
+by (card, time, arrival) and answers every window with binary searches and cumulative sums,
+so its cost is O(n log n) whatever the window lengths. Offline it runs over a whole history;
+online over the stored recent events of a batch's cards plus the batch, so both compute the
+same numbers in the same floating-point order.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from features.definitions import (
+    BURST_WINDOW_US,
+    CARD_LOOKBACK_US,
+    CARD_WINDOWS_DAYS,
+    DAY_US,
+    HOUR_US,
+    INDEX,
+    NIGHT_LAST_HOUR,
+    SECOND_US,
+    SECONDS_SINCE_CAP,
+    SMALL_AMOUNT,
+    TERMINAL_DELAY_HOURS,
+    TERMINAL_WINDOWS_DAYS,
+)
+
+_INT64_HEADROOM = 2**62
+
+
+@dataclass(frozen=True)
+class CardEvents:
+    """Columnar card events; `card` is a dense index, the keys are opaque equality keys."""
+
+    card: np.ndarray  # int64
+    t_us: np.ndarray  # int64 microseconds since the epoch (UTC)
+    amount: np.ndarray  # float64
+    terminal: np.ndarray  # uint32 hash of the terminal id
+    device: np.ndarray  # uint32, 0 = unknown
+    country: np.ndarray  # uint32, 0 = unknown
+
+    def __len__(self) -> int:
+        return len(self.t_us)
+
+
+def terminal_hash(terminal_ids: np.ndarray) -> np.ndarray:
+    """Stable 32-bit hash of terminal ids (only compared for equality within one card)."""
+    uniques, inverse = np.unique(np.asarray(terminal_ids, dtype=object), return_inverse=True)
+    codes = np.fromiter((zlib.crc32(str(u).encode()) for u in uniques), dtype=np.uint32,
+                        count=len(uniques))
+    return codes[inverse]
+
+
+def country_keys(codes: np.ndarray) -> np.ndarray:
+    """ISO country codes as uint32 keys (0 = unknown); countries are not personal data."""
+    raw = np.asarray(codes, dtype=object)
+    if raw.size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    arr = np.where(pd.isna(raw), "", raw).astype("U2")
+    chars = arr.view(np.uint32).reshape(-1, 2).astype(np.uint32)
+    known = (chars[:, 0] > 0) & (chars[:, 1] > 0)
+    return np.where(known, chars[:, 0] * 256 + chars[:, 1], 0).astype(np.uint32)
+
+
+def transaction_features(t_us: np.ndarray, amount: np.ndarray, out: np.ndarray) -> None:
+    """Stateless features: amount and UTC calendar flags."""
+    days = t_us // DAY_US
+    weekday = (days + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    hour = (t_us - days * DAY_US) // HOUR_US
+    out[:, INDEX["amount"]] = amount
+    out[:, INDEX["is_weekend"]] = weekday >= 5
+    out[:, INDEX["is_night"]] = hour <= NIGHT_LAST_HOUR
+
+
+def _previous_same(group: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """For rows already sorted by (group, time), the row of the previous equal value in the
+    same group, or -1."""
+    n = len(group)
+    order = np.lexsort((np.arange(n), value, group))
+    prev = np.full(n, -1, dtype=np.int64)
+    same = (group[order][1:] == group[order][:-1]) & (value[order][1:] == value[order][:-1])
+    prev[order[1:][same]] = order[:-1][same]
+    return prev
+
+
+def sorted_order(ev: CardEvents, stored: int = 0) -> np.ndarray:
+    """Row order by (card, time, input order).
+
+    When the first `stored` rows are each card's history already in time order and the
+    rest are newer events (the online case), a stable sort on the card alone suffices.
+    """
+    n = len(ev)
+    if stored:
+        order = np.argsort(ev.card, kind="stable")
+        t = ev.t_us[order]
+        same = ev.card[order][1:] == ev.card[order][:-1]
+        if not np.any(same & (t[1:] < t[:-1])):
+            return order
+    return np.lexsort((np.arange(n), ev.t_us, ev.card))
+
+
+def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = None,
+                  order: np.ndarray | None = None) -> None:
+    """Fill the card columns of `out` for `rows` (default: all, in input order); `out` has
+    one row per requested row.
+
+    Each row sees the rows of its card that precede it in (time, input order): for a stream
+    in time order that is "every earlier transaction", as offline. Online passes the stored
+    history plus the batch and asks only for the batch rows.
+    """
+    n = len(ev)
+    if n == 0:
+        return
+    order = sorted_order(ev) if order is None else order
+    card = ev.card[order]
+    t = ev.t_us[order]
+    amount = ev.amount[order]
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    want = rank if rows is None else rank[rows]  # sorted positions to compute
+    res = np.empty((len(want), out.shape[1]), dtype=np.float64)
+
+    # A strictly ordered int64 key per row: card in the high part, time in the low part.
+    base = int(t.min()) - CARD_LOOKBACK_US - 1
+    span = int(t.max()) - base + 1
+    if int(card.max()) + 1 > _INT64_HEADROOM // span:
+        raise ValueError("too many cards for one call: split the history by card")
+    key = card * span + (t - base)
+    k = key[want]
+    group_start = np.searchsorted(card, card[want], side="left")
+
+    # Sums in integer cents: exact whatever history a window starts from, so a store holding
+    # only recent events agrees bit for bit with a computation over the whole history.
+    cents = np.concatenate(([0], np.cumsum(np.rint(amount * 100.0).astype(np.int64))))
+    for days in CARD_WINDOWS_DAYS:
+        lo = np.searchsorted(key, k - days * DAY_US, side="right")
+        count = want - lo + 1
+        res[:, INDEX[f"card_count_{days}d"]] = count
+        res[:, INDEX[f"card_mean_amount_{days}d"]] = (cents[want + 1] - cents[lo]) / 100.0 / count
+    lo_lookback = np.searchsorted(key, k - CARD_LOOKBACK_US, side="right")
+    res[:, INDEX["card_amount_ratio_30d"]] = amount[want] / res[:, INDEX["card_mean_amount_30d"]]
+
+    has_prev = want > group_start
+    gap = (t[want] - np.where(has_prev, t[want - 1], t[want])) / SECOND_US
+    res[:, INDEX["card_secs_since_prev"]] = np.where(has_prev, np.minimum(gap, SECONDS_SINCE_CAP),
+                                                     SECONDS_SINCE_CAP)
+
+    small = np.concatenate(([0], np.cumsum(amount <= SMALL_AMOUNT)))
+    lo_burst = np.searchsorted(key, k - BURST_WINDOW_US, side="right")
+    res[:, INDEX["card_small_count_10m"]] = small[want + 1] - small[lo_burst]
+
+    term, dev, ctry = (v[order].astype(np.int64) for v in (ev.terminal, ev.device, ev.country))
+    if rows is None:  # every row: O(n log n) forms over the sorted rows
+        lo_all = np.searchsorted(key, key - DAY_US, side="right")
+        distinct = _distinct_in_window(card, term, lo_all)
+        res[:, INDEX["card_distinct_terminals_1d"]] = distinct[want]
+        for column, v in (("card_new_device", dev), ("card_new_country", ctry)):
+            prev = _previous_same(card, v)[want]
+            res[:, INDEX[column]] = (v[want] != 0) & ~((prev >= 0) & (prev >= lo_lookback))
+    else:  # a few rows: look at their windows directly
+        lo_day = np.searchsorted(key, k - DAY_US, side="right")
+        res[:, INDEX["card_distinct_terminals_1d"]] = _distinct_in_slices(term, lo_day, want)
+        for column, v in (("card_new_device", dev), ("card_new_country", ctry)):
+            seen = _seen_in_slices(v, lo_lookback, want)
+            res[:, INDEX[column]] = (v[want] != 0) & ~seen
+
+    columns = [INDEX[c] for c in CARD_COLUMNS]
+    out[:, columns] = res[:, columns]
+
+
+def _ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slice id, position) for every position of the slices [lo_i, hi_i)."""
+    lengths = np.maximum(hi - lo, 0)
+    owner = np.repeat(np.arange(len(lo)), lengths)
+    starts = np.repeat(lo - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+    return owner, starts + np.arange(int(lengths.sum()))
+
+
+def _distinct_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Distinct values among positions [lo_i, at_i] for each i."""
+    owner, pos = _ragged(lo, at + 1)
+    pairs = np.unique(owner * (2**32) + value[pos])
+    return np.bincount(pairs // (2**32), minlength=len(at)).astype(np.float64)
+
+
+def _seen_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Whether value[at_i] occurs among positions [lo_i, at_i)."""
+    owner, pos = _ragged(lo, at)
+    hit = value[pos] == value[at][owner]
+    return np.bincount(owner[hit], minlength=len(at)) > 0
+
+
+def _distinct_in_window(card: np.ndarray, value: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Distinct values among rows [lo_i, i] for every i (rows sorted by card and time).
+
+    Row j counts for row i when it is the first of its value inside i's window, that is
+    prev_j < lo_i <= j <= i. lo is non-decreasing, so those i form a range: add +1/-1 at
+    its ends and take a running sum.
+    """
+    n = len(card)
+    prev = _previous_same(card, value)
+    j = np.arange(n)
+    first_i = np.maximum(np.searchsorted(lo, prev, side="right"), j)
+    last_i = np.searchsorted(lo, j, side="right") - 1
+    ok = first_i <= last_i
+    diff = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(diff, first_i[ok], 1)
+    np.add.at(diff, last_i[ok] + 1, -1)
+    return np.cumsum(diff)[:n].astype(np.float64)
+
+
+CARD_COLUMNS: tuple[str, ...] = (
+    *[f"card_count_{d}d" for d in CARD_WINDOWS_DAYS],
+    *[f"card_mean_amount_{d}d" for d in CARD_WINDOWS_DAYS],
+    "card_amount_ratio_30d", "card_secs_since_prev", "card_small_count_10m",
+    "card_distinct_terminals_1d", "card_new_device", "card_new_country",
+)
+
+
+def terminal_window_bounds(hour: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per window length (days): the [first, end) hour buckets of the delayed window."""
+    end = hour - TERMINAL_DELAY_HOURS
+    return {d: (end - 24 * d, end) for d in TERMINAL_WINDOWS_DAYS}
+
+
+def terminal_columns(counts: dict[int, np.ndarray], frauds: dict[int, np.ndarray],
+                     out: np.ndarray) -> None:
+    """Counts and fraud shares of the delayed terminal windows."""
+    for d in TERMINAL_WINDOWS_DAYS:
+        c = counts[d].astype(np.float64)
+        out[:, INDEX[f"terminal_count_{d}d"]] = c
+        out[:, INDEX[f"terminal_risk_{d}d"]] = np.divide(
+            frauds[d], c, out=np.zeros_like(c), where=c > 0
+        )
+
+
+def label_rate(n: np.ndarray, fraud: np.ndarray) -> np.ndarray:
+    n = n.astype(np.float64)
+    return np.divide(fraud.astype(np.float64), n, out=np.zeros_like(n), where=n > 0)
+
+
+def hours_of(t_us: np.ndarray) -> np.ndarray:
+    return np.floor_divide(t_us, HOUR_US)
