@@ -218,6 +218,31 @@ def run(
     console.print(f"stopped: {stats}")
 
 
+bench = typer.Typer(no_args_is_help=True, help="Benchmarks against the alternative.")
+app.add_typer(bench, name="bench")
+
+
+@bench.command("features")
+def bench_features(
+    customers: int = 20_000, days: int = 35, batch_size: int = 500,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Feature store vs naive pipelined HGETALL, side by side on the real Redis."""
+    import json
+
+    from app.bench import BenchConfig, run
+
+    settings = _settings()
+    result = run(settings.redis_url,
+                 BenchConfig(customers=customers, terminals=2 * customers, days=days,
+                             batch_size=batch_size))
+    if json_output:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            console.print(f"{k}: {v}")
+
+
 @app.command()
 def schemas(check: Annotated[bool, typer.Option(help="fail if files differ")] = False) -> None:
     """Write (or check) the JSON Schema files generated from the topic models."""

@@ -6,8 +6,9 @@ Keys (each carries a hash tag, so it maps to one Redis Cluster slot):
   each, at most 30 days plus the batch), appended each batch, rewritten when trimmed;
 - ``{ns}:cl:{<shard>}`` / ``{ns}:tl:{<shard>}``: labels so far per card / terminal, fields
   ``<name>:n`` and ``<name>:f`` kept by ``HINCRBY`` in 16 shard hashes (one HMGET each);
-- ``{ns}:th:{<hour>}`` / ``{ns}:tf:{<hour>}``: per hour, terminal → transactions and
-  on-time frauds, for the delayed terminal windows;
+- ``{ns}:th:{<hour>}``: per hour, a list with one "terminal<TAB>count" chunk per batch
+  (one RPUSH per batch, summed by the reader), and ``{ns}:tf:{<hour>}``: terminal →
+  on-time frauds (HINCRBY per label), for the delayed terminal windows;
 - ``{ns}:seen:{<hour>}``: transaction id → the features it got (redelivery), and
   ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery).
 
@@ -52,6 +53,37 @@ from features.windows import (
 
 _FEATURE_BYTES = N_FEATURES * 8
 _LONGEST_TERMINAL_HOURS = 24 * max(TERMINAL_WINDOWS_DAYS)
+# One batch's writes, atomically. KEYS: the card keys, then per event hour its terminal
+# bucket (a list of "terminal\tcount" chunks, one per batch) and its snapshot hash. ARGV:
+# n_cards, card TTL (ms), bucket TTL (s), snapshot TTL (s), n_hours; per card a mode ('s'
+# rewrite / 'a' append) and bytes; per hour the chunk, the count of snapshots, (id, bytes)*.
+_WRITE_BATCH = """
+local n = tonumber(ARGV[1])
+local a = 6
+for i = 1, n do
+  if ARGV[a] == 's' then
+    redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[2])
+  else
+    redis.call('APPEND', KEYS[i], ARGV[a + 1])
+  end
+  a = a + 2
+end
+local k = n + 1
+for h = 1, tonumber(ARGV[5]) do
+  local bucket, seen = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  redis.call('RPUSH', bucket, ARGV[a])
+  redis.call('EXPIRE', bucket, ARGV[3])
+  local ns = tonumber(ARGV[a + 1])
+  a = a + 2
+  if ns > 0 then
+    redis.call('HSET', seen, unpack(ARGV, a, a + 2 * ns - 1))
+    a = a + 2 * ns
+  end
+  redis.call('EXPIRE', seen, ARGV[4])
+end
+return n
+"""
 _CARD_TTL_MS = (CARD_LOOKBACK_US + 2 * DAY_US) // 1000  # > lookback + the rewrite interval
 _SHARDS = 16  # label counters live in 16 hashes per kind: one HMGET each per batch
 
@@ -119,10 +151,16 @@ class _TerminalWindows:
         self.evict_before(min(unique_hours) - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 48)
         return sorted(b for b in needed if b not in self.buckets)
 
-    def store(self, hour: int, counts: dict[bytes, bytes], frauds: dict[bytes, bytes]) -> None:
-        names = [k.decode() for k in counts]
+    def store(self, hour: int, chunks: list[bytes], frauds: dict[bytes, bytes]) -> None:
+        """Cache one hour: `chunks` are the batches' "terminal\tcount" lines."""
+        counts: dict[str, int] = {}
+        for chunk in chunks:
+            for line in chunk.decode().splitlines():
+                name, _, c = line.rpartition("\t")
+                counts[name] = counts.get(name, 0) + int(c)
+        names = list(counts)
         idx = self.idx(names)
-        c = np.fromiter((int(v) for v in counts.values()), dtype=np.int64, count=len(counts))
+        c = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
         f = np.zeros(len(names), dtype=np.int64)
         if frauds:
             pos = {name: i for i, name in enumerate(names)}
@@ -211,10 +249,12 @@ class RedisFeatureStore:
         self._r = client
         self._ns = namespace
         self._ttl = snapshot_ttl_s
-        # card token → (its recent events, event time of the last full rewrite or None)
-        self._cards: OrderedDict[str, tuple[np.ndarray, int | None]] = OrderedDict()
+        # card token → (its recent events as CARD_EVENT bytes, event time of the last full
+        # rewrite or None when unknown)
+        self._cards: OrderedDict[str, tuple[bytes, int | None]] = OrderedDict()
         self._cache_cards = cache_cards
         self._terminals = _TerminalWindows(terminal_refresh_s)
+        self._write_script = client.register_script(_WRITE_BATCH)
 
     # ---- keys ---------------------------------------------------------------------------
 
@@ -243,7 +283,7 @@ class RedisFeatureStore:
         replies = self._read(tx_ids, seen_rows, cards, missing, terminals, load_hours)
         snapshots, card_blobs, card_labels, term_labels, buckets = replies
         for c, blob in zip(missing, card_blobs, strict=True):
-            self._remember(c, _decode_events(blob), None)
+            self._remember(c, _whole_records(blob), None)
         for h, (counts, frauds) in zip(load_hours, buckets, strict=True):
             self._terminals.store(h, counts, frauds)
 
@@ -277,7 +317,7 @@ class RedisFeatureStore:
             card_shards = self._read_counters(pipe, "cl", cards)
             term_shards = self._read_counters(pipe, "tl", terminals)
             for h in load_hours:
-                pipe.hgetall(self._k("th", h))
+                pipe.lrange(self._k("th", h), 0, -1)
                 pipe.hgetall(self._k("tf", h))
             replies = pipe.execute()
         except redis.RedisError as exc:
@@ -324,8 +364,8 @@ class RedisFeatureStore:
             if cf:
                 pipe.hincrby(key, f"{name}:f", cf)
 
-    def _remember(self, card: str, events: np.ndarray, rewritten_us: int | None) -> None:
-        self._cards[card] = (events, rewritten_us)
+    def _remember(self, card: str, blob: bytes, rewritten_us: int | None) -> None:
+        self._cards[card] = (blob, rewritten_us)
         self._cards.move_to_end(card)
         while len(self._cards) > self._cache_cards:
             self._cards.popitem(last=False)
@@ -343,9 +383,10 @@ class RedisFeatureStore:
         card_pos = {c: i for i, c in enumerate(cards)}
         batch_card = np.fromiter((card_pos[batch.cards[i]] for i in fresh), dtype=np.int64,
                                  count=len(fresh))
-        hist = [self._cards[c][0] for c in cards]
-        lengths = np.fromiter((len(h) for h in hist), dtype=np.int64, count=len(hist))
-        stored = np.concatenate(hist) if hist else np.empty(0, dtype=CARD_EVENT)
+        blobs = [self._cards[c][0] for c in cards]
+        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        lengths //= CARD_EVENT.itemsize
+        stored = np.frombuffer(b"".join(blobs), dtype=CARD_EVENT)
         hist_card = np.repeat(np.arange(len(cards)), lengths)
         recent = stored["t_us"] > int(t_us.min()) - CARD_LOOKBACK_US
         stored, hist_card = stored[recent], hist_card[recent]
@@ -397,7 +438,8 @@ class RedisFeatureStore:
 
     def _write(self, batch: EventBatch, fresh: np.ndarray, out: np.ndarray, tx_ids: list[str],
                cards: list[str], computed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """Persist the fresh events, their terminal counts and feature snapshots atomically.
+        """Persist the fresh events, their terminal counts and feature snapshots in one
+        atomic script call (one command, so the client does not pack a thousand).
 
         A card's blob is appended to; it is rewritten (trimmed, with a fresh TTL) at most
         about once a day, or when most of it has aged out of the lookback.
@@ -405,47 +447,52 @@ class RedisFeatureStore:
         batch_card, new, kept = computed
         order = np.argsort(batch_card, kind="stable")
         bounds = np.searchsorted(batch_card[order], np.arange(len(cards) + 1))
+        added_all = new[order].tobytes()
+        size = CARD_EVENT.itemsize
         now_us = int(batch.t_us[fresh].max())
         horizon = int(batch.t_us[fresh].min()) - CARD_LOOKBACK_US
+        keys: list[str] = []
+        args: list[bytes | str | int] = []
+        updated: dict[str, tuple[bytes, int | None]] = {}
+        for ci, card in enumerate(cards):
+            lo, hi = int(bounds[ci]), int(bounds[ci + 1])
+            if hi == lo:
+                continue
+            blob, rewritten = self._cards[card]
+            added = added_all[lo * size:hi * size]
+            total = len(blob) // size
+            if rewritten is None or now_us - rewritten > DAY_US or (total - kept[ci]) * 4 > total:
+                events = np.frombuffer(blob, dtype=CARD_EVENT)
+                merged = events[events["t_us"] > horizon].tobytes() + added
+                args += ["s", merged]
+                updated[card] = (merged, now_us)
+            else:
+                args += ["a", added]
+                updated[card] = (blob + added, rewritten)
+            keys.append(self._k("card", card))
+        n_cards = len(keys)
+        hours = hours_of(batch.t_us[fresh])
+        terms = batch.terminals[fresh]
+        unique_hours = np.unique(hours)
+        for h in unique_hours:
+            rows = np.flatnonzero(hours == h)
+            names, counts = np.unique(terms[rows].astype(str), return_counts=True)
+            keys += [self._k("th", int(h)), self._k("seen", int(h))]
+            args.append("".join(f"{name}\t{c}\n" for name, c in
+                                zip(names.tolist(), counts.tolist(), strict=True)))
+            args.append(len(rows))
+            for i in rows:
+                args += [tx_ids[fresh[i]], out[fresh[i]].astype("<f8").tobytes()]
+        bucket_ttl = int((TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 48) * 3600)
+        header = [n_cards, _CARD_TTL_MS, bucket_ttl, self._ttl, len(unique_hours)]
         try:
-            pipe = self._r.pipeline(transaction=True)
-            updated: dict[str, tuple[np.ndarray, int | None]] = {}
-            for ci, card in enumerate(cards):
-                rows = order[bounds[ci]:bounds[ci + 1]]
-                if rows.size == 0:
-                    continue
-                key = self._k("card", card)
-                full, rewritten = self._cards[card]
-                added = new[rows]
-                stale = rewritten is None or now_us - rewritten > DAY_US
-                if stale or (len(full) - kept[ci]) * 4 > len(full):
-                    merged = np.concatenate([full[full["t_us"] > horizon], added])
-                    pipe.set(key, merged.tobytes(), px=_CARD_TTL_MS)
-                    updated[card] = (merged, now_us)
-                else:
-                    pipe.append(key, added.tobytes())
-                    updated[card] = (np.concatenate([full, added]), rewritten)
-            hours = hours_of(batch.t_us[fresh])
-            terms = batch.terminals[fresh]
-            bucket_ttl = int((TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 48) * 3600)
-            for h in np.unique(hours):
-                rows = np.flatnonzero(hours == h)
-                names, counts = np.unique(terms[rows].astype(str), return_counts=True)
-                key = self._k("th", int(h))
-                for name, c in zip(names.tolist(), counts.tolist(), strict=True):
-                    pipe.hincrby(key, name, c)
-                pipe.expire(key, bucket_ttl)
-                seen = self._k("seen", int(h))
-                pipe.hset(seen, mapping={tx_ids[fresh[i]]: out[fresh[i]].astype("<f8").tobytes()
-                                         for i in rows})
-                pipe.expire(seen, self._ttl)
-            pipe.execute()
+            self._write_script(keys=keys, args=header + args)
         except redis.RedisError as exc:
             for card in cards:  # our cache may now be ahead of Redis: reload next time
                 self._cards.pop(card, None)
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        for card, (events, rewritten) in updated.items():
-            self._remember(card, events, rewritten)
+        for card, (blob, rewritten) in updated.items():
+            self._remember(card, blob, rewritten)
 
     # ---- labels -------------------------------------------------------------------------
 
@@ -543,7 +590,8 @@ class RedisFeatureStore:
             h, term = pair.split("|", 1)
             by_hour.setdefault(h, {})[term] = c
         for h, mapping in by_hour.items():
-            pipe.hset(self._k("th", int(h)), mapping=mapping)
+            pipe.rpush(self._k("th", int(h)),
+                       "".join(f"{name}\t{c}\n" for name, c in mapping.items()))
             if len(pipe) >= chunk:
                 pipe.execute()
         pipe.execute()
@@ -582,11 +630,11 @@ _CARD_COLS = [INDEX[name] for name in FEATURE_NAMES if name.startswith("card_")
               and name != "card_label_fraud_rate"]
 
 
-def _decode_events(blob: bytes | None) -> np.ndarray:
+def _whole_records(blob: bytes | None) -> bytes:
     """Stored card events; a blob that is not whole records is treated as empty."""
     if not blob or len(blob) % CARD_EVENT.itemsize:
-        return np.empty(0, dtype=CARD_EVENT)
-    return np.frombuffer(blob, dtype=CARD_EVENT).copy()
+        return b""
+    return bytes(blob)
 
 
 def _decode_counters(groups: list[np.ndarray], replies: list[list[bytes | None]], n: int

@@ -67,6 +67,8 @@ def _dump(r: redis.Redis, key: bytes) -> bytes:
     kind = r.type(key)
     if kind == b"hash":
         value = b"|".join(f + b"=" + v for f, v in r.hgetall(key).items())
+    elif kind == b"list":
+        value = b"|".join(r.lrange(key, 0, -1))
     else:
         value = r.get(key) or b""
     return key + b"=" + value

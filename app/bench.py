@@ -1,0 +1,177 @@
+"""`fraudscore bench features`: the feature store against the naive design, side by side.
+
+Both run on the same real Redis, over the same simulated stream, in one process run:
+
+- store: :class:`features.online.RedisFeatureStore` (one pipelined read, numpy windows,
+  one MULTI write per batch, card state cached by the worker that owns it);
+- naive: what a typical Python service does: per event, pipelined HGETALL of its card and
+  terminal hashes, the windows computed in Python, HSET of the new event.
+
+A second process issues GETs throughout and reports the latency other Redis users see.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import redis
+
+from app.simulator import simulate
+from features.definitions import CARD_WINDOWS_DAYS, DAY_US, HOUR_US, TERMINAL_DELAY_HOURS
+from features.offline import events_from_frame, labels_from_frame, micros
+from features.online import EventBatch, RedisFeatureStore
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    customers: int = 20_000
+    terminals: int = 40_000
+    days: int = 35
+    batch_size: int = 500
+    warmup_fraction: float = 0.2
+    seed: int = 9
+
+
+def _slice(ev: EventBatch, a: int, b: int) -> EventBatch:
+    return EventBatch(ev.transaction_ids[a:b], ev.cards[a:b], ev.terminals[a:b],
+                      ev.terminal_keys[a:b], ev.t_us[a:b], ev.amount[a:b], ev.device[a:b],
+                      ev.country[a:b])
+
+
+def _probe(url: str, key: str, stop: mp.Event, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    """Another Redis user: a GET every millisecond, latencies in ms."""
+    client = redis.Redis.from_url(url)
+    client.set(key, b"x" * 64)
+    lat = []
+    while not stop.is_set():
+        t = time.perf_counter()
+        client.get(key)
+        lat.append((time.perf_counter() - t) * 1000)
+        time.sleep(0.001)
+    out.put(lat)
+
+
+class NaiveStore:
+    """Per-entity hashes, one HGETALL per event, Python loops: the common first design."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.r = client
+        self.ns = namespace
+
+    def load(self, ev: EventBatch, until_us: int) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        recent = ev.t_us > until_us - 31 * DAY_US
+        for i in np.flatnonzero(recent):
+            pipe.hset(f"{self.ns}:c:{ev.cards[i]}", ev.transaction_ids[i],
+                      f"{ev.t_us[i]},{ev.amount[i]}")
+            hour = int(ev.t_us[i] // HOUR_US)
+            pipe.hincrby(f"{self.ns}:t:{ev.terminals[i]}", str(hour), 1)
+            if len(pipe) > 5000:
+                pipe.execute()
+        pipe.execute()
+
+    def update_many(self, ev: EventBatch) -> list[list[float]]:
+        pipe = self.r.pipeline(transaction=False)
+        for i in range(len(ev)):
+            pipe.hgetall(f"{self.ns}:c:{ev.cards[i]}")
+            pipe.hgetall(f"{self.ns}:t:{ev.terminals[i]}")
+        replies = pipe.execute()
+        out = []
+        pipe = self.r.pipeline(transaction=False)
+        for i in range(len(ev)):
+            t, amount = int(ev.t_us[i]), float(ev.amount[i])
+            history = [tuple(v.decode().split(",")) for v in replies[2 * i].values()]
+            row = [amount]
+            for days in CARD_WINDOWS_DAYS:
+                inside = [float(a) for ts, a in history if t - days * DAY_US < int(ts) <= t]
+                row += [len(inside) + 1, (sum(inside) + amount) / (len(inside) + 1)]
+            hour = t // HOUR_US
+            counts = {int(h): int(c) for h, c in replies[2 * i + 1].items()}
+            for days in CARD_WINDOWS_DAYS:
+                end = hour - TERMINAL_DELAY_HOURS
+                row.append(sum(c for h, c in counts.items() if end - 24 * days <= h < end))
+            out.append(row)
+            pipe.hset(f"{self.ns}:c:{ev.cards[i]}", ev.transaction_ids[i], f"{t},{amount}")
+            pipe.hincrby(f"{self.ns}:t:{ev.terminals[i]}", str(hour), 1)
+        pipe.execute()
+        return out
+
+
+def _drop(client: redis.Redis, pattern: str) -> None:
+    keys = list(client.scan_iter(match=pattern, count=5000))
+    for i in range(0, len(keys), 5000):
+        client.delete(*keys[i:i + 5000])
+
+
+def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
+    """Measure both designs on `url`; returns the JSON object the CLI prints."""
+    tx, labels = simulate(cfg.customers, cfg.terminals, cfg.days, cfg.seed)
+    split = tx["timestamp"].min().normalize() + pd.Timedelta(days=cfg.days - 1)
+    hist = (tx["timestamp"] < split).to_numpy()
+    until = int(micros(pd.Series([split]))[0])
+    events = events_from_frame(tx[~hist])
+    client = redis.Redis.from_url(url)
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    store = RedisFeatureStore(client, namespace=ns)
+    naive = NaiveStore(client, f"{ns}-naive")
+    store.load_history(events_from_frame(tx[hist]), labels_from_frame(labels), until)
+    naive.load(events_from_frame(tx[hist]), until)
+
+    n = len(events)
+    warm = int(n * cfg.warmup_fraction) // cfg.batch_size * cfg.batch_size
+    bounds = list(range(0, n, cfg.batch_size))
+    ctx = mp.get_context("spawn")
+    stop, queue = ctx.Event(), ctx.Queue()
+    probe = ctx.Process(target=_probe, args=(url, f"{ns}-probe", stop, queue), daemon=True)
+    probe.start()
+    try:
+        store_lat, naive_lat = [], []
+        for a in bounds:  # interleaved, so both see the same machine load
+            batch = _slice(events, a, min(n, a + cfg.batch_size))
+            t = time.perf_counter()
+            store.update_many(batch)
+            if a >= warm:
+                store_lat.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            naive.update_many(batch)
+            if a >= warm:
+                naive_lat.append(time.perf_counter() - t)
+    finally:
+        stop.set()
+        probe_lat = queue.get(timeout=30)
+        probe.join(timeout=10)
+    memory_card = _memory(client, f"{ns}:card:*")
+    memory_bucket = _memory(client, f"{ns}:th:*")
+    _drop(client, f"{ns}*")
+    measured = n - warm
+    store_s, naive_s = float(np.sum(store_lat)), float(np.sum(naive_lat))
+    return {
+        "store_events_per_s": round(measured / store_s),
+        "naive_events_per_s": round(measured / naive_s),
+        "ratio": round(naive_s / store_s, 2),
+        "p50_ms_per_batch": round(float(np.median(store_lat)) * 1000, 2),
+        "p99_ms_per_batch": round(float(np.quantile(store_lat, 0.99)) * 1000, 2),
+        "naive_p50_ms_per_batch": round(float(np.median(naive_lat)) * 1000, 2),
+        "other_client_p99_ms": round(float(np.quantile(probe_lat, 0.99)), 3),
+        "batch_size": cfg.batch_size,
+        "events_measured": measured,
+        "cards": cfg.customers,
+        "bytes_per_card_state": memory_card,
+        "bytes_per_terminal_hour_bucket": memory_bucket,
+        "redis_url": url.split("@")[-1],
+    }
+
+
+def _memory(client: redis.Redis, pattern: str, sample: int = 200) -> int:
+    """Median MEMORY USAGE of a sample of keys."""
+    sizes = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        sizes.append(client.memory_usage(key) or 0)
+        if len(sizes) >= sample:
+            break
+    return int(np.median(sizes)) if sizes else 0
