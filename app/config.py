@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 20
     max_event_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
+    max_future_skew_s: Annotated[float, Field(ge=0)] = Field(
+        default=300.0, description="dead-letter events stamped further ahead than this; 0 = off"
+    )
     review_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         default=None, description="score from which an event is alerted; default: the model's"
     )

@@ -63,6 +63,7 @@ def build_scorer(
         topics=Topics(settings.topic_alerts, settings.topic_scores, settings.topic_dlq),
         max_event_bytes=settings.max_event_bytes,
         emit_scores=settings.emit_scores,
+        max_future_s=settings.max_future_skew_s,
     )
 
 

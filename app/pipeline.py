@@ -100,9 +100,15 @@ M = TypeVar("M", Transaction, Label)
 
 
 def decode(
-    records: Sequence[InputRecord], max_bytes: int, model: type[M] = Transaction  # type: ignore[assignment]
+    records: Sequence[InputRecord], max_bytes: int, model: type[M] = Transaction,  # type: ignore[assignment]
+    max_future_s: float = 0.0,
 ) -> tuple[list[M], list[InputRecord], list[DeadLetter]]:
-    """Parse and validate; anything that is not a valid `model` becomes a dead letter."""
+    """Parse and validate; anything that is not a valid `model` becomes a dead letter.
+
+    With `max_future_s` > 0, an event stamped further than that ahead of this machine's
+    clock is dead-lettered too: a wrong producer clock must not poison a card's windows.
+    """
+    latest = datetime.now(UTC) + timedelta(seconds=max_future_s) if max_future_s > 0 else None
     txs: list[M] = []
     sources: list[InputRecord] = []
     dead: list[DeadLetter] = []
@@ -115,10 +121,15 @@ def decode(
             dead.append(DeadLetter(rec, STAGE_DECODE, reason))
             continue
         try:
-            txs.append(model.model_validate_json(rec.value))
+            item = model.model_validate_json(rec.value)
         except ValidationError as exc:
             dead.append(DeadLetter(rec, STAGE_DECODE, _describe(exc)))
             continue
+        if latest is not None and item.timestamp > latest:
+            reason = f"timestamp: more than {max_future_s:g}s in the future"
+            dead.append(DeadLetter(rec, STAGE_DECODE, reason))
+            continue
+        txs.append(item)
         sources.append(rec)
     return txs, sources, dead
 
@@ -242,6 +253,7 @@ class Scorer:
         topics: Topics,
         max_event_bytes: int = 64 * 1024,
         emit_scores: bool = True,
+        max_future_s: float = 0.0,
     ) -> None:
         self.store = store
         self.model = model
@@ -251,9 +263,10 @@ class Scorer:
         self.topics = topics
         self.max_event_bytes = max_event_bytes
         self.emit_scores = emit_scores
+        self.max_future_s = max_future_s
 
     def process(self, records: Sequence[InputRecord]) -> BatchResult:
-        txs, _, dead = decode(records, self.max_event_bytes)
+        txs, _, dead = decode(records, self.max_event_bytes, Transaction, self.max_future_s)
         outputs = [d.to_output(self.topics.dlq) for d in dead]
         if not txs:
             empty = np.empty(0)

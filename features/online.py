@@ -272,6 +272,7 @@ class RedisFeatureStore:
         n = len(batch)
         if n == 0:
             return np.empty((0, N_FEATURES), dtype=np.float64)
+        _check(batch)
         tx_ids = list(batch.transaction_ids)
         ev_hours = hours_of(batch.t_us)
         seen_rows = {int(h): np.flatnonzero(ev_hours == h) for h in np.unique(ev_hours)}
@@ -628,6 +629,23 @@ class RedisFeatureStore:
 
 _CARD_COLS = [INDEX[name] for name in FEATURE_NAMES if name.startswith("card_")
               and name != "card_label_fraud_rate"]
+
+
+class InvalidEvent(ValueError):
+    """An event that must not reach the state; the message names the row and the reason."""
+
+
+def _check(batch: EventBatch) -> None:
+    """Refuse the whole batch before anything is read or written: bad rows never reach state."""
+    bad_amount = ~(np.isfinite(batch.amount) & (batch.amount > 0))
+    if bad_amount.any():
+        i = int(np.flatnonzero(bad_amount)[0])
+        raise InvalidEvent(f"row {i}: amount must be a finite number > 0")
+    for name, values in (("transaction_id", batch.transaction_ids), ("card", batch.cards),
+                         ("terminal", batch.terminals)):
+        missing = [i for i, v in enumerate(values) if not isinstance(v, str) or not v]
+        if missing:
+            raise InvalidEvent(f"row {missing[0]}: missing {name}")
 
 
 def _whole_records(blob: bytes | None) -> bytes:

@@ -19,7 +19,7 @@ import redis
 from app.simulator import simulate
 from features.definitions import FEATURE_NAMES, INDEX
 from features.offline import compute_features, events_from_frame, labels_from_frame
-from features.online import EventBatch, LabelBatch, RedisFeatureStore
+from features.online import EventBatch, InvalidEvent, LabelBatch, RedisFeatureStore
 
 StoreFactory = Callable[[], RedisFeatureStore]
 
@@ -132,3 +132,26 @@ def test_corrupt_state_is_treated_as_empty(make_store: StoreFactory, data) -> No
     store._r.set(store._k("card", card), b"not whole records")
     out = stream(store, tx.iloc[[0]].reset_index(drop=True), None, 1)
     assert out[0, INDEX["card_count_1d"]] == 1.0
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("amount", np.nan, "amount"), ("amount", np.inf, "amount"), ("amount", -3.0, "amount"),
+    ("cards", "", "missing card"), ("transaction_ids", "", "missing transaction_id"),
+])
+def test_bad_events_never_reach_state(make_store: StoreFactory, data, field: str, value,
+                                      reason: str) -> None:
+    tx, _ = data
+    store = make_store()
+    batch = take(events_from_frame(tx), np.arange(5))
+    if field == "amount":
+        amount = batch.amount.copy()
+        amount[3] = value
+        batch = EventBatch(batch.transaction_ids, batch.cards, batch.terminals,
+                           batch.terminal_keys, batch.t_us, amount, batch.device, batch.country)
+    else:
+        column = list(getattr(batch, field))
+        column[3] = value
+        batch = EventBatch(**{**batch.__dict__, field: column})
+    with pytest.raises(InvalidEvent, match=f"row 3: {reason}"):
+        store.update_many(batch)
+    assert not list(store._r.scan_iter(match=f"{store._ns}:*"))

@@ -166,3 +166,11 @@ def test_transaction_schema_requires_the_contract_fields() -> None:
     assert set(schema["required"]) == {
         "transaction_id", "timestamp", "customer_id", "terminal_id", "amount", "currency"
     }
+
+
+def test_events_from_the_future_are_dead_lettered() -> None:
+    future = json.dumps({**VALID, "timestamp": "2999-01-01T00:00:00Z"}).encode()
+    now = json.dumps({**VALID, "timestamp": datetime.now(UTC).isoformat()}).encode()
+    txs, _, dead = decode([rec(future, 0), rec(now, 1)], max_bytes=4096, max_future_s=300)
+    assert len(txs) == 1 and dead[0].record.offset == 0
+    assert "in the future" in dead[0].reason
