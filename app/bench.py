@@ -43,10 +43,12 @@ def _slice(ev: EventBatch, a: int, b: int) -> EventBatch:
                       ev.country[a:b])
 
 
-def _probe(url: str, key: str, stop: mp.Event, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _probe(url: str, key: str, ready: mp.Event, stop: mp.Event,  # type: ignore[valid-type]
+           out: mp.Queue) -> None:  # type: ignore[type-arg]
     """Another Redis user: a GET every millisecond, latencies in ms."""
     client = redis.Redis.from_url(url)
     client.set(key, b"x" * 64)
+    ready.set()
     lat = []
     while not stop.is_set():
         t = time.perf_counter()
@@ -124,11 +126,15 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
 
     n = len(events)
     warm = int(n * cfg.warmup_fraction) // cfg.batch_size * cfg.batch_size
+    if n - warm < cfg.batch_size:
+        raise ValueError(f"only {n} events to stream: use more customers")
     bounds = list(range(0, n, cfg.batch_size))
     ctx = mp.get_context("spawn")
-    stop, queue = ctx.Event(), ctx.Queue()
-    probe = ctx.Process(target=_probe, args=(url, f"{ns}-probe", stop, queue), daemon=True)
+    ready, stop, queue = ctx.Event(), ctx.Event(), ctx.Queue()
+    probe = ctx.Process(target=_probe, args=(url, f"{ns}-probe", ready, stop, queue),
+                        daemon=True)
     probe.start()
+    ready.wait(timeout=60)
     try:
         store_lat, naive_lat = [], []
         for a in bounds:  # interleaved, so both see the same machine load
@@ -143,7 +149,7 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
                 naive_lat.append(time.perf_counter() - t)
     finally:
         stop.set()
-        probe_lat = queue.get(timeout=30)
+        probe_lat = queue.get(timeout=30) or [float("nan")]
         probe.join(timeout=10)
     memory_card = _memory(client, f"{ns}:card:*")
     memory_bucket = _memory(client, f"{ns}:th:*")
