@@ -25,6 +25,7 @@ from app.simulator import simulate
 from features.definitions import CARD_WINDOWS_DAYS, DAY_US, HOUR_US, TERMINAL_DELAY_HOURS
 from features.offline import events_from_frame, labels_from_frame, micros
 from features.online import EventBatch, RedisFeatureStore
+from features.stream import take_events
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,7 @@ class BenchConfig:
 
 
 def _slice(ev: EventBatch, a: int, b: int) -> EventBatch:
-    return EventBatch(ev.transaction_ids[a:b], ev.cards[a:b], ev.terminals[a:b],
-                      ev.terminal_keys[a:b], ev.t_us[a:b], ev.amount[a:b], ev.device[a:b],
-                      ev.country[a:b])
+    return take_events(ev, np.arange(a, b))
 
 
 def _probe(url: str, key: str, ready: mp.Event, stop: mp.Event,  # type: ignore[valid-type]

@@ -20,6 +20,7 @@ from app.simulator import simulate
 from features.definitions import FEATURE_NAMES, INDEX
 from features.offline import compute_features, events_from_frame, labels_from_frame
 from features.online import EventBatch, InvalidEvent, LabelBatch, RedisFeatureStore
+from features.stream import take_events, take_labels
 
 StoreFactory = Callable[[], RedisFeatureStore]
 
@@ -37,18 +38,6 @@ def make_store(request: pytest.FixtureRequest) -> StoreFactory:
 @pytest.fixture(scope="module")
 def data() -> tuple[pd.DataFrame, pd.DataFrame]:
     return simulate(customers=80, terminals=160, days=40, seed=21)
-
-
-def take(ev: EventBatch, idx: np.ndarray) -> EventBatch:
-    return EventBatch([ev.transaction_ids[i] for i in idx], [ev.cards[i] for i in idx],
-                      ev.terminals[idx], ev.terminal_keys[idx], ev.t_us[idx], ev.amount[idx],
-                      ev.device[idx], ev.country[idx])
-
-
-def take_labels(lb: LabelBatch, idx: np.ndarray) -> LabelBatch:
-    return LabelBatch([lb.transaction_ids[i] for i in idx], [lb.cards[i] for i in idx],
-                      [lb.terminals[i] for i in idx], lb.t_us[idx], lb.reported_us[idx],
-                      lb.is_fraud[idx])
 
 
 def stream(store: RedisFeatureStore, tx: pd.DataFrame, labels: pd.DataFrame | None,
@@ -70,7 +59,7 @@ def stream(store: RedisFeatureStore, tx: pd.DataFrame, labels: pd.DataFrame | No
         if kind[idx[0]] == 0 and lb is not None:
             store.apply_labels(take_labels(lb, idx))
         else:
-            out[idx - n_l] = store.update_many(take(ev, idx - n_l))
+            out[idx - n_l] = store.update_many(take_events(ev, idx - n_l))
         i = j
     return out
 
@@ -142,7 +131,7 @@ def test_bad_events_never_reach_state(make_store: StoreFactory, data, field: str
                                       reason: str) -> None:
     tx, _ = data
     store = make_store()
-    batch = take(events_from_frame(tx), np.arange(5))
+    batch = take_events(events_from_frame(tx), np.arange(5))
     if field == "amount":
         amount = batch.amount.copy()
         amount[3] = value

@@ -31,14 +31,7 @@ from app.sources import (
     write_labels,
 )
 
-HANDBOOK = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "data"
-    / "handbook"
-    / "transactions_2018-04-01_2018-08-31.parquet"
-)
+HANDBOOK = sources.HANDBOOK_PATH
 needs_handbook = pytest.mark.skipif(
     not HANDBOOK.exists(), reason=f"handbook data set not found at {HANDBOOK}"
 )
