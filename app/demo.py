@@ -47,6 +47,10 @@ class DemoConfig:
 
 def malformed_events(valid: bytes) -> list[bytes]:
     """Bad input of the kinds producers really send; each must end in the DLQ."""
+    doc = json.loads(valid)
+    pan = doc.get("card_number") or "79927398713"
+    wrong_check_digit = pan[:-1] + str((int(pan[-1]) + 1) % 10)
+    bad_luhn = {**doc, "transaction_id": "y", "card_number": wrong_check_digit}
     return [
         b"not json at all",
         b"\xff\xfe\x00garbage",
@@ -55,8 +59,7 @@ def malformed_events(valid: bytes) -> list[bytes]:
         valid.replace(b'"currency":"EUR"', b'"currency":"euro"', 1),
         b'{"transaction_id":"x","timestamp":"2026-01-01T00:00:00","customer_id":"c",'
         b'"terminal_id":"t","amount":1.0,"currency":"EUR"}',
-        b'{"transaction_id":"y","timestamp":"2026-01-01T00:00:00Z","customer_id":"c",'
-        b'"terminal_id":"t","amount":5.0,"currency":"EUR","card_number":"4000000000000001"}',
+        json.dumps(bad_luhn).encode(),
         b"[1,2,3]",
     ]
 

@@ -47,7 +47,7 @@ def malformed(valid: list[bytes], rng: random.Random) -> list[bytes]:
         elif kind == 2:
             del doc["customer_id"]
         elif kind == 3:
-            pan = doc.get("card_number") or "4000123412341234"
+            pan = doc.get("card_number") or json.loads(valid[0])["card_number"]
             doc["card_number"] = pan[:-1] + str((int(pan[-1]) + 1) % 10)
         elif kind == 4:
             doc["amount"] = "lots"
