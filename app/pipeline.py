@@ -75,6 +75,7 @@ class Topics:
     alerts: str = "alerts"
     scores: str = "scores"
     dlq: str = "transactions.dlq"
+    labels: str = "fraud-labels"
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,18 @@ class Scorer:
         return BatchResult(
             outputs, batch.transaction_ids, scores, decisions, dead, n_alerts, features
         )
+
+    def process_mixed(self, records: Sequence[InputRecord]) -> BatchResult:
+        """A batch polled from both topics: its labels take effect first, then its
+        transactions are scored in order (what the file engine and replay assume too)."""
+        labels = [r for r in records if r.topic == self.topics.labels]
+        txs = [r for r in records if r.topic != self.topics.labels]
+        label_result = self.process_labels(labels) if labels else None
+        result = self.process(txs)
+        if label_result is not None:
+            result.outputs[:0] = label_result.outputs
+            result.dead[:0] = label_result.dead
+        return result
 
     def process_labels(self, records: Sequence[InputRecord]) -> BatchResult:
         """Apply fraud reports to feature state; malformed ones are dead-lettered."""

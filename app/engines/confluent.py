@@ -81,7 +81,12 @@ class ConfluentEngine:
     def run(self, stop: threading.Event) -> EngineStats:
         """Process batches until `stop` is set; the in-flight batch finishes first."""
         self._producer.init_transactions(TXN_TIMEOUT_S)
-        self._consumer.subscribe([self.settings.topic_transactions])
+        # Labels ride along: a batch's labels update feature state before its transactions
+        # are scored, and their offsets commit in the same transaction.
+        self._consumer.subscribe(
+            [self.settings.topic_transactions, self.settings.topic_labels],
+            on_assign=self._on_rebalance, on_revoke=self._on_rebalance,
+        )
         timeout = self.settings.batch_timeout_ms / 1000.0
         try:
             while not stop.is_set():
@@ -93,6 +98,11 @@ class ConfluentEngine:
             self._consumer.close()
             self._producer.flush(10)
         return self.stats
+
+    def _on_rebalance(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Cards may have moved to or from another worker: drop the cached card state."""
+        self.scorer.store.invalidate()
+        log.info("rebalance: %d partitions; card cache dropped", len(partitions))
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
         records = []
@@ -112,7 +122,7 @@ class ConfluentEngine:
         backoff = BACKOFF_START_S
         while True:
             try:
-                result = self.scorer.process(records)
+                result = self.scorer.process_mixed(records)
                 self._commit(result.outputs, records)
             except FeatureStoreUnavailable as exc:
                 log.warning("feature store unavailable, retrying in %.1fs: %s", backoff, exc)

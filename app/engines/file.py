@@ -110,33 +110,18 @@ def run_file(
     return summary
 
 
-LABELS_TOPIC = "fraud-labels"
+LABELS_TOPIC = "fraud-labels"  # the default labels topic name
 
 
 def _run_batch(
     scorer: Scorer, batch: list[InputRecord], sinks: _Sinks, summary: FileRunSummary,
     keep_scores: bool,
 ) -> None:
-    """Labels of a batch take effect for the whole batch (as when an engine polls both
-    topics), then its transactions are scored in order."""
-    labels = [r for r in batch if r.topic == LABELS_TOPIC]
-    if labels:
-        result = scorer.process_labels(labels)
-        sinks.write(result.outputs)
-        summary.labels += len(labels)
-        summary.dead += len(result.dead)
-    if len(labels) < len(batch):
-        _run_transactions(scorer, [r for r in batch if r.topic != LABELS_TOPIC], sinks, summary,
-                          keep_scores)
-
-
-def _run_transactions(
-    scorer: Scorer, batch: list[InputRecord], sinks: _Sinks, summary: FileRunSummary,
-    keep_scores: bool,
-) -> None:
-    result = scorer.process(batch)
+    result = scorer.process_mixed(batch)
     sinks.write(result.outputs)
-    summary.events += len(batch)
+    n_labels = sum(1 for r in batch if r.topic == scorer.topics.labels)
+    summary.labels += n_labels
+    summary.events += len(batch) - n_labels
     summary.scored += len(result.transaction_ids)
     summary.alerts += result.n_alerts
     summary.dead += len(result.dead)
@@ -145,3 +130,5 @@ def _run_transactions(
         summary.scores.append(result.scores)
         summary.decisions.append(result.decisions)
         summary.features.append(result.features)
+
+
