@@ -172,7 +172,7 @@ def _print_summary(console: Console, r: dict[str, float], out: Path) -> None:
     table.add_row("precision of alerts", f"{r['precision']:.3f}")
     table.add_row("recall of fraud", f"{r['recall']:.3f}")
     table.add_row("AUC / average precision", f"{r['auc']:.3f} / {r['average_precision']:.3f}")
-    table.add_row("throughput", f"{r['events_per_s']:,.0f} events/s")
+    table.add_row("throughput (in-process fakeredis)", f"{r['events_per_s']:,.0f} events/s")
     table.add_row("online = offline features", f"max |diff| {r['feature_parity_max_abs_diff']}")
     console.print(table)
     console.print(f"outputs: {out}/alerts.jsonl, scores.jsonl, dlq.jsonl")

@@ -175,6 +175,18 @@ class _TerminalWindows:
                 f[pos[name]] = int(v)
         self.buckets[hour] = (idx, c, f)
 
+    def add_counts(self, hour: int, names: list[str], counts: list[int]) -> None:
+        """Keep a cached bucket in step with transactions this worker just wrote into it."""
+        if hour in self.buckets:
+            idx, c, f = self.buckets[hour]
+            new_idx = self.idx(names)
+            self.buckets[hour] = (np.concatenate([idx, new_idx]),
+                                  np.concatenate([c, np.asarray(counts, dtype=np.int64)]),
+                                  np.concatenate([f, np.zeros(len(names), dtype=np.int64)]))
+        for h in [h for h in self.sums if h - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 1
+                  <= hour < h - TERMINAL_DELAY_HOURS]:
+            del self.sums[h]
+
     def add_fraud(self, hour: int, terminal: str) -> None:
         """Keep a cached bucket in step with a label this worker applied."""
         if hour in self.buckets:
@@ -227,6 +239,21 @@ class _TerminalWindows:
     def evict_before(self, hour: int) -> None:
         for b in [b for b in self.buckets if b < hour]:
             del self.buckets[b]
+
+
+def _add_same_batch(term_idx: np.ndarray, hours: np.ndarray,
+                    counts: dict[int, np.ndarray]) -> None:
+    """Count the batch's own events in each other's delayed windows (a batch that spans more
+    than the 7-day delay, as when replaying history in large batches)."""
+    if len(hours) == 0 or int(hours.max() - hours.min()) < TERMINAL_DELAY_HOURS:
+        return
+    span = int(hours.max() - hours.min()) + TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 2
+    base = int(hours.min()) - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 1
+    key = np.sort(term_idx * span + (hours - base))
+    for d, (first, end) in terminal_window_bounds(hours).items():
+        lo = np.searchsorted(key, term_idx * span + (first - base), side="left")
+        hi = np.searchsorted(key, term_idx * span + (end - base), side="left")
+        counts[d] += hi - lo
 
 
 def _grown(a: np.ndarray, size: int) -> np.ndarray:
@@ -418,6 +445,7 @@ class RedisFeatureStore:
             for d in TERMINAL_WINDOWS_DAYS:
                 counts[d][rows[inside]] = c_sum[d][idx[inside]]
                 frauds[d][rows[inside]] = f_sum[d][idx[inside]]
+        _add_same_batch(term_idx, hours, counts)
         terminal_columns(counts, frauds, res)
 
         # labels reported so far
@@ -475,9 +503,11 @@ class RedisFeatureStore:
         hours = hours_of(batch.t_us[fresh])
         terms = batch.terminals[fresh]
         unique_hours = np.unique(hours)
+        written: list[tuple[int, list[str], list[int]]] = []
         for h in unique_hours:
             rows = np.flatnonzero(hours == h)
             names, counts = np.unique(terms[rows].astype(str), return_counts=True)
+            written.append((int(h), names.tolist(), counts.tolist()))
             keys += [self._k("th", int(h)), self._k("seen", int(h))]
             args.append("".join(f"{name}\t{c}\n" for name, c in
                                 zip(names.tolist(), counts.tolist(), strict=True)))
@@ -494,6 +524,8 @@ class RedisFeatureStore:
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
         for card, (blob, rewritten) in updated.items():
             self._remember(card, blob, rewritten)
+        for hour, names, counts in written:
+            self._terminals.add_counts(hour, names, counts)
 
     # ---- labels -------------------------------------------------------------------------
 

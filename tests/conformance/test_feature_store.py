@@ -144,3 +144,13 @@ def test_bad_events_never_reach_state(make_store: StoreFactory, data, field: str
     with pytest.raises(InvalidEvent, match=f"row 3: {reason}"):
         store.update_many(batch)
     assert not list(store._r.scan_iter(match=f"{store._ns}:*"))
+
+
+def test_parity_holds_when_terminal_buckets_are_reread_every_batch(data) -> None:
+    """The refresh path (other workers' labels) reads the same truth back from Redis."""
+    tx, _ = data
+    store = RedisFeatureStore(fakeredis.FakeRedis(), terminal_refresh_s=0.0)
+    online = stream(store, tx, None, 2500)
+    offline = compute_features(tx).to_numpy()
+    assert np.array_equal(online, offline)
+    assert (offline[:, INDEX["terminal_count_30d"]] > 0).any()
