@@ -53,6 +53,7 @@ class EngineStats:
     alerts: int = 0
     dead: int = 0
     aborts: int = 0
+    retries: int = 0
 
 
 class ConfluentEngine:
@@ -62,6 +63,7 @@ class ConfluentEngine:
         self.settings = settings
         self.scorer = scorer
         self.stats = EngineStats()
+        self._backoff = BACKOFF_START_S
         base = settings.kafka_client_config()
         self._consumer = Consumer({
             **base,
@@ -118,30 +120,54 @@ class ConfluentEngine:
         return records
 
     def _process_with_retry(self, records: list[InputRecord], stop: threading.Event) -> None:
-        """Score and commit; on Redis or abortable Kafka errors rewind and let the batch recur."""
-        backoff = BACKOFF_START_S
-        while True:
-            try:
-                result = self.scorer.process_mixed(records)
-                self._commit(result.outputs, records)
-            except FeatureStoreUnavailable as exc:
-                log.warning("feature store unavailable, retrying in %.1fs: %s", backoff, exc)
-            except KafkaException as exc:
-                err = exc.args[0]
-                if not err.txn_requires_abort() and not err.retriable():
-                    raise
-                log.warning("transaction failed (%s); aborting and retrying the batch", err)
-                self._abort()
-            else:
-                self.stats.batches += 1
-                self.stats.events += len(records)
-                self.stats.alerts += result.n_alerts
-                self.stats.dead += len(result.dead)
-                return
-            if stop.wait(backoff):
-                self._rewind(records)  # leave the batch for whoever owns it next
-                return
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        """Score and commit; on a Redis outage or an abortable Kafka error, rewind the batch,
+        pause consumption while backing off (still polling, so the group keeps this worker),
+        and let the batch come back."""
+        try:
+            result = self.scorer.process_mixed(records)
+            self._commit(result.outputs, records)
+        except FeatureStoreUnavailable as exc:
+            log.warning("feature store unavailable, pausing %.1fs: %s", self._backoff, exc)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not err.txn_requires_abort() and not err.retriable():
+                raise
+            log.warning("transaction failed (%s); aborting, the batch will be retried", err)
+            self._abort()
+        else:
+            self.stats.batches += 1
+            self.stats.events += len(records)
+            self.stats.alerts += result.n_alerts
+            self.stats.dead += len(result.dead)
+            self._backoff = BACKOFF_START_S
+            return
+        self.stats.retries += 1
+        self._pause_for(self._backoff, stop, records)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+
+    def _pause_for(self, seconds: float, stop: threading.Event,
+                   batch: Sequence[InputRecord]) -> None:
+        """Back off without leaving the group: pause every partition, keep polling, then
+        resume each partition where it stood (its batch start for the failed batch's)."""
+        assigned = self._consumer.assignment()
+        where = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(assigned)}
+        first: dict[tuple[str, int], int] = {}
+        for rec in batch:
+            first.setdefault((rec.topic, rec.partition), rec.offset)
+        where.update(first)  # the failed batch is read again from its start
+        self._consumer.pause(assigned)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set():
+            late = self._consumer.consume(100, min(0.1, max(deadline - time.monotonic(), 0.0)))
+            if late:
+                log.info("%d messages arrived while paused; they will be read again", len(late))
+        self._consumer.resume(assigned)
+        for (topic, partition), offset in where.items():
+            if offset >= 0:
+                try:
+                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                except KafkaException as exc:  # no longer assigned: its new owner re-reads it
+                    log.info("seek %s[%d] skipped: %s", topic, partition, exc.args[0])
 
     def _commit(self, outputs: Sequence[Output], records: Sequence[InputRecord]) -> None:
         """Outputs and input offsets in one transaction.
@@ -182,17 +208,6 @@ class ConfluentEngine:
         except KafkaException as exc:
             log.warning("abort failed: %s", exc.args[0])
         self.stats.aborts += 1
-
-    def _rewind(self, records: Sequence[InputRecord]) -> None:
-        """Seek each partition back to the first offset of the batch."""
-        first: dict[tuple[str, int], int] = {}
-        for rec in records:
-            first.setdefault((rec.topic, rec.partition), rec.offset)
-        for (topic, partition), offset in first.items():
-            try:
-                self._consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # partition no longer assigned: nothing to rewind
-                log.info("rewind %s[%d] skipped: %s", topic, partition, exc.args[0])
 
 
 def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,
