@@ -129,13 +129,27 @@ def train(
     format: Annotated[DataFormat, typer.Option("--format")] = DataFormat.auto,
     labels: Annotated[Path | None, typer.Option(help="labels file, unless the data has them")]
     = None,
-    delay_days: Annotated[int, typer.Option(help="label delay: days between end and use")] = 7,
+    delay_days: Annotated[int, typer.Option(
+        help="label delay: frauds are known this many days after the event; training labels "
+             "are those known at --train-end + delay")] = 7,
+    alert_budget: Annotated[float | None, typer.Option(
+        help="review threshold: alert at most this many cards a day (on validation); "
+             "default: the F1-optimal threshold")] = None,
+    block_precision: Annotated[float, typer.Option(
+        help="block threshold: validation precision at least this")] = 0.9,
+    neural: Annotated[bool, typer.Option(help="also train the MLP classifier")] = True,
+    compile_timeout: Annotated[float, typer.Option(
+        help="seconds allowed to compile the trees to native code before falling back to "
+             "ONNX Runtime")] = 120.0,
 ) -> None:
-    """Train LightGBM on point-in-time features, export to ONNX, register a version."""
+    """Train LightGBM + neural models on point-in-time features and register a version."""
+    import numpy as np
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from app import sources
     from features.offline import compute_features
-    from models.registry import save
-    from models.train import TrainConfig, train_lightgbm
+    from models.ensemble import train_ensemble
+    from models.registry import data_digest, save
 
     start, end = _utc_day(train_start, "--train-start"), _utc_day(train_end, "--train-end")
     end = end + timedelta(days=1)
@@ -143,31 +157,63 @@ def train(
         raise _fail("--train-end is before --train-start", 2)
     if not data.exists():
         raise _fail(f"--data {data}: no such file", 2)
-    with console.status("loading data"):
+    if delay_days < 0:
+        raise _fail("--delay-days must be ≥ 0", 2)
+    steps = ["load data", "features", "tree model", "neural models", "blend and thresholds",
+             "export, compile, register"]
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TextColumn(
+            "{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+            transient=False) as progress:
+        task = progress.add_task(steps[0], total=len(steps))
+
+        def step(name: str) -> None:
+            progress.update(task, description=name, completed=steps.index(name))
+
         tx, label_frame = sources.read_transactions(data, format.value)
         if labels is not None:
             label_frame = sources.read_labels(labels)
-    if label_frame is None:
-        raise _fail("no labels: pass --labels FILE (simulate writes FILE.labels.*)", 2)
-    history = (tx["timestamp"] < end).to_numpy()
-    if not history.any():
-        raise _fail("no transactions before --train-end", 2)
-    # Labels count only from their reported_at on, so features never see the future.
-    with console.status("computing features"):
+        if label_frame is None:
+            raise _fail("no labels: pass --labels FILE (simulate writes FILE.labels.*)", 2)
+        history = (tx["timestamp"] < end).to_numpy()
+        if not history.any():
+            raise _fail("no transactions before --train-end", 2)
+        step("features")
+        # Labels count only from their reported_at on, so features never see the future.
         features = compute_features(tx[history], label_frame)
-    window = ((tx["timestamp"] >= start) & (tx["timestamp"] < end)).to_numpy()[history]
-    is_fraud = label_frame.set_index("transaction_id")["is_fraud"]
-    y = is_fraud.reindex(tx["transaction_id"][history]).fillna(False).to_numpy(dtype=bool)
-    with console.status(f"training on {int(window.sum()):,} transactions"):
-        trained = train_lightgbm(features[window], y[window],
-                                 tx["timestamp"][history][window], TrainConfig())
-    ref = save(trained, registry,
-               {"data": str(data), "start": str(start), "end": str(end),
-                "delay_days": delay_days, "rows": int(window.sum())},
-               features[window].to_numpy()[:5000])
+        window = ((tx["timestamp"] >= start) & (tx["timestamp"] < end)).to_numpy()[history]
+        if not window.any():
+            raise _fail("no transactions between --train-start and --train-end", 2)
+        known = label_frame
+        if "reported_at" in label_frame:  # a fraud reported after the delay is not known yet
+            cutoff = end + timedelta(days=delay_days)
+            known = label_frame[label_frame["reported_at"] < cutoff]
+        is_fraud = known.set_index("transaction_id")["is_fraud"]
+        win_tx = tx[history][window]
+        y = is_fraud.reindex(win_tx["transaction_id"]).fillna(False).to_numpy(dtype=bool)
+        try:
+            ens = train_ensemble(features[window], y, win_tx["timestamp"],
+                                 win_tx["customer_id"].to_numpy(), alert_budget=alert_budget,
+                                 block_precision=block_precision, with_neural=neural,
+                                 progress=step)
+        except ValueError as exc:
+            raise _fail(f"cannot train: {exc}", 2) from None
+        step("export, compile, register")
+        rng = np.random.default_rng(0)
+        x = features[window].to_numpy()
+        sample = x[rng.choice(len(x), min(len(x), 5000), replace=False)]
+        ref = save(ens, registry, {
+            "data": str(data), "data_sha256": data_digest(
+                win_tx["transaction_id"].astype(str).to_numpy(dtype="U"),
+                win_tx["timestamp"].to_numpy(), y),
+            "start": start.isoformat(), "end": end.isoformat(), "delay_days": delay_days,
+            "rows": int(window.sum()), "frauds": int(y.sum())},
+            sample, compile_timeout_s=compile_timeout)
+        progress.update(task, completed=len(steps), description="done")
+    m = ref.manifest["metrics"]
     console.print(f"registered {ref.version} in {registry} "
-                  f"(validation AUC {trained.metrics['valid_auc']:.3f}, "
-                  f"AP {trained.metrics['valid_average_precision']:.3f})")
+                  f"(validation AUC {m['valid_auc']:.3f}, AP {m['valid_average_precision']:.3f}; "
+                  f"MLP blend weight {ref.manifest['blend_weight']}; "
+                  f"trees: {(ref.manifest.get('compiled') or {}).get('backend', 'onnx')})")
 
 
 @app.command()
@@ -181,6 +227,7 @@ def run(
     """Score the transactions stream (Kafka by default) until SIGTERM/SIGINT."""
     from app import factory
     from app.observability import setup_logging
+    from models.registry import ModelError
 
     settings = _settings()
     setup_logging(settings.log_level)
@@ -190,7 +237,7 @@ def run(
     try:
         ref = factory.model_ref(settings, model)
         token_key, pii_key = factory.keys_from_settings(settings)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ModelError) as exc:
         raise _fail(str(exc), 2) from None
     if engine is Engine.file:
         from app.engines.file import records_from_jsonl, run_file
@@ -209,7 +256,8 @@ def run(
     from app.engines.confluent import ensure_topics, run_worker
 
     client = factory.redis_client(settings.redis_url)
-    scorer = factory.build_scorer(settings, client, ref, token_key, pii_key)
+    scorer = factory.build_scorer(settings, client, ref, token_key, pii_key,
+                                  follow=factory.model_source(settings, model))
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

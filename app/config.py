@@ -78,7 +78,22 @@ class Settings(BaseSettings):
     block_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = Field(
         default=None, description="score from which the decision is block; default: the model's"
     )
-    model_dir: Path | None = Field(default=None, description="model directory from `train`")
+    model_dir: Path | None = Field(default=None,
+                                   description="model folder, or a registry (its LATEST)")
+    model_version: str | None = Field(
+        default=None, description="pin a registry version; default: follow LATEST")
+    model_reload_s: Annotated[float, Field(ge=0)] = Field(
+        default=10.0, description="check the registry's LATEST this often; 0 = never reload")
+    shadow_model_dir: Path | None = Field(
+        default=None, description="score a second model alongside, recorded but not acted on")
+    model_device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$",
+                              description="ONNX Runtime device: auto picks CUDA when present")
+    tree_backend: str = Field(default="auto", pattern=r"^(auto|compiled|onnx)$",
+                              description="tree scorer: compiled native code or ONNX Runtime")
+    amount_limit: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="hard rule: block any amount above this")
+    blocked_terminals: list[str] = Field(
+        default_factory=list, description="hard rule: block these terminal ids (JSON list)")
     token_key: SecretStr | None = Field(default=None, description="HMAC key for tokens")
     token_key_file: Path | None = None
     pii_key: SecretStr | None = Field(default=None, description="AES-256 key, base64")

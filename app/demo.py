@@ -20,17 +20,18 @@ from rich.console import Console
 from rich.table import Table
 
 from app.engines.file import LABELS_TOPIC, records_from_values, run_file
-from app.pipeline import Policy, Scorer, Topics
+from app.pipeline import Scorer, Topics
 from app.security.envelope import FieldCipher
 from app.security.tokens import Tokenizer, equality_keys, random_key
 from app.simulator import simulate
 from app.sources import labels_to_json, transactions_to_json
 from features.offline import compute_features, events_from_frame, labels_from_frame, micros
 from features.online import RedisFeatureStore
+from models.ensemble import train_ensemble
 from models.metrics import average_precision, precision_recall_at, roc_auc
+from models.policy import Policy
 from models.registry import resolve, save
 from models.runtime import ModelRuntime
-from models.train import TrainConfig, train_lightgbm
 
 TEST_DAYS = 14
 LABEL_DELAY_DAYS = 7
@@ -96,18 +97,21 @@ def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[st
     device_keys = equality_keys(tokenizer.tokens(tx["device_id"]))
     history = (tx["timestamp"] < test_start).to_numpy()
 
-    with console.status("computing offline features and training LightGBM"):
+    with console.status("computing offline features, training LightGBM and neural models"):
         # labels count only from their reported_at on, so no row sees its own future
         features = compute_features(tx, labels, card_tokens, device_keys)
         warm = tx["timestamp"] >= start + timedelta(days=7)  # windows need a week to fill
         fit = (warm & (tx["timestamp"] < train_end)).to_numpy()
-        trained = train_lightgbm(features[fit], labels["is_fraud"].to_numpy()[fit],
-                                 tx["timestamp"][fit], TrainConfig())
+        ens = train_ensemble(features[fit], labels["is_fraud"].to_numpy()[fit],
+                             tx["timestamp"][fit], card_tokens.to_numpy()[fit])
         registry = Path(tempfile.mkdtemp(prefix="fraudscore-demo-models-"))
-        ref = save(trained, registry, {"end": str(train_end)}, features[fit].to_numpy()[:2000])
-    console.print(f"model {ref.version}: validation AUC {trained.metrics['valid_auc']:.3f}, "
-                  f"AP {trained.metrics['valid_average_precision']:.3f}, ONNX parity "
-                  f"{ref.manifest['onnx_parity_max_abs_diff']:.1e}")
+        ref = save(ens, registry, {"end": str(train_end)}, features[fit].to_numpy()[:2000])
+    par = ref.manifest["parity_max_abs_diff"]
+    console.print(f"model {ref.version}: validation AUC {ens.metrics['valid_auc']:.3f}, "
+                  f"AP {ens.metrics['valid_average_precision']:.3f}, MLP blend weight "
+                  f"{ens.blend_weight}; parity vs LightGBM: ONNX {par['onnx']:.1e}, "
+                  f"compiled {par.get('compiled') or float('nan'):.1e}; "
+                  f"neural ONNX vs scikit-learn {par['neural_onnx']:.1e}")
 
     store = RedisFeatureStore(fakeredis.FakeRedis())
     card_of = dict(zip(tx["customer_id"], card_tokens, strict=True))
@@ -115,10 +119,11 @@ def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[st
     store.load_history(events_from_frame(tx[history], card_tokens[history],
                                          device_keys[history]),
                        labels_from_frame(labels, card_of), until)
+    runtime = ModelRuntime(resolve(ref.path))
     scorer = Scorer(
-        store=store, model=ModelRuntime(resolve(ref.path)), tokenizer=tokenizer,
+        store=store, model=runtime, tokenizer=tokenizer,
         cipher=FieldCipher({"demo": pii_key}, "demo"),
-        policy=Policy(trained.review_threshold, trained.block_threshold), topics=Topics(),
+        policy=Policy.from_manifest(runtime.manifest), topics=Topics(),
     )
     test = tx[~history]
     values, topics = merged_stream(test, labels, until)

@@ -9,7 +9,7 @@ Personal data (PAN, ip, device, customer id) leaves stage 2 only inside an encry
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -23,7 +23,8 @@ from app.security.tokens import Tokenizer, equality_keys
 from features.definitions import FEATURE_NAMES
 from features.online import EventBatch, LabelBatch, RedisFeatureStore
 from features.windows import country_keys, terminal_hash
-from models.runtime import ModelRuntime
+from models.policy import Policy
+from models.runtime import ModelRuntime, ModelWatcher, Scores
 
 STAGE_DECODE = "decode"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,12 +77,6 @@ class Topics:
     scores: str = "scores"
     dlq: str = "transactions.dlq"
     labels: str = "fraud-labels"
-
-
-@dataclass(frozen=True)
-class Policy:
-    review_threshold: float
-    block_threshold: float
 
 
 # ---- stage 1 ------------------------------------------------------------------------------
@@ -200,25 +195,24 @@ def enrich(batch: Pseudonymised, store: RedisFeatureStore) -> np.ndarray:
     return store.update_many(batch.events)
 
 
-def decide(scores: np.ndarray, policy: Policy) -> np.ndarray:
-    return np.where(
-        scores >= policy.block_threshold,
-        "block",
-        np.where(scores >= policy.review_threshold, "review", "allow"),
-    )
+def decide(scores: Scores, policy: Policy, batch: Pseudonymised
+           ) -> tuple[np.ndarray, list[str | None]]:
+    return policy.decide(scores.fraud, scores.anomaly, batch.events.amount, batch.terminal_ids)
 
 
-def reasons(contributions: np.ndarray, features: np.ndarray) -> list[list[Reason]]:
-    """The features that pushed each alerted score up the most."""
+def reasons(contributions: np.ndarray, features: np.ndarray,
+            rules: Sequence[str | None] = ()) -> list[list[Reason]]:
+    """The rule that forced a decision (if any), then the features that pushed the score
+    up the most."""
     top = np.argsort(-contributions, axis=1)[:, :N_REASONS]
-    return [
-        [
-            Reason(feature=FEATURE_NAMES[j], value=float(features[i, j]),
-                   contribution=round(float(contributions[i, j]), 6))
-            for j in top[i]
-        ]
-        for i in range(len(top))
-    ]
+    out = []
+    for i in range(len(top)):
+        row = [Reason(feature=FEATURE_NAMES[j], value=float(features[i, j]),
+                      contribution=round(float(contributions[i, j]), 6)) for j in top[i]]
+        if i < len(rules) and rules[i]:
+            row.insert(0, Reason(feature=str(rules[i]), value=1.0, contribution=0.0))
+        out.append(row)
+    return out
 
 
 def alert_id(model_version: str, transaction_id: str) -> str:
@@ -239,6 +233,7 @@ class BatchResult:
     dead: list[DeadLetter]
     n_alerts: int
     features: np.ndarray
+    anomaly: np.ndarray = field(default_factory=lambda: np.empty(0))
 
 
 class Scorer:
@@ -255,7 +250,12 @@ class Scorer:
         max_event_bytes: int = 64 * 1024,
         emit_scores: bool = True,
         max_future_s: float = 0.0,
+        policy_for: Callable[[ModelRuntime], Policy] | None = None,
+        watcher: ModelWatcher | None = None,
+        shadow: ModelRuntime | None = None,
     ) -> None:
+        """`policy_for` rebuilds the policy when `watcher` swaps in a new model version;
+        a `shadow` model is scored alongside and recorded, never acted on."""
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -265,6 +265,20 @@ class Scorer:
         self.max_event_bytes = max_event_bytes
         self.emit_scores = emit_scores
         self.max_future_s = max_future_s
+        self.policy_for = policy_for
+        self.watcher = watcher
+        self.shadow = shadow
+
+    def maybe_reload(self) -> bool:
+        """Between batches: switch to a newly registered model version, if any."""
+        if self.watcher is None:
+            return False
+        new = self.watcher.poll()
+        if new is None:
+            return False
+        policy = self.policy_for(new) if self.policy_for else Policy.from_manifest(new.manifest)
+        self.model, self.policy = new, policy
+        return True
 
     def process(self, records: Sequence[InputRecord]) -> BatchResult:
         txs, _, dead = decode(records, self.max_event_bytes, Transaction, self.max_future_s)
@@ -273,15 +287,16 @@ class Scorer:
             empty = np.empty(0)
             no_features = np.empty((0, len(FEATURE_NAMES)))
             return BatchResult(outputs, [], empty, empty.astype(str), dead, 0, no_features)
+        self.maybe_reload()
         batch = pseudonymise(txs, self.tokenizer)
         features = enrich(batch, self.store)
-        scores = self.model.score_many(features)
-        decisions = decide(scores, self.policy)
-        outputs.extend(self._emit(batch, features, scores, decisions))
+        scores = self.model.score(features)
+        decisions, rules = decide(scores, self.policy, batch)
+        shadow = self.shadow.score(features).fraud if self.shadow is not None else None
+        outputs.extend(self._emit(batch, features, scores, decisions, rules, shadow))
         n_alerts = int((decisions != "allow").sum())
-        return BatchResult(
-            outputs, batch.transaction_ids, scores, decisions, dead, n_alerts, features
-        )
+        return BatchResult(outputs, batch.transaction_ids, scores.fraud, decisions, dead,
+                           n_alerts, features, scores.anomaly)
 
     def process_mixed(self, records: Sequence[InputRecord]) -> BatchResult:
         """A batch polled from both topics: its labels take effect first, then its
@@ -305,16 +320,18 @@ class Scorer:
                            empty.astype(str), dead, 0, np.empty((0, len(FEATURE_NAMES))))
 
     def _emit(
-        self, batch: Pseudonymised, features: np.ndarray, scores: np.ndarray,
-        decisions: np.ndarray,
+        self, batch: Pseudonymised, features: np.ndarray, scores: Scores,
+        decisions: np.ndarray, rules: list[str | None], shadow: np.ndarray | None,
     ) -> list[Output]:
         now = datetime.now(UTC)
         version = self.model.version
+        shadow_version = self.shadow.version if self.shadow is not None else None
         tx_ids, terminals = batch.transaction_ids, batch.terminal_ids
         out: list[Output] = []
         flagged = np.flatnonzero(decisions != "allow")
         if flagged.size:
-            why = reasons(self.model.contributions_many(features[flagged]), features[flagged])
+            why = reasons(self.model.contributions_many(features[flagged]), features[flagged],
+                          [rules[i] for i in flagged])
             for row, reason_list in zip(flagged, why, strict=True):
                 tx_id = tx_ids[row]
                 aid = alert_id(version, tx_id)
@@ -325,7 +342,8 @@ class Scorer:
                     scored_at=now,
                     customer_token=batch.customer_tokens[row],
                     terminal_id=terminals[row],
-                    fraud_score=float(scores[row]),
+                    fraud_score=float(scores.fraud[row]),
+                    anomaly_score=float(scores.anomaly[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,
                     reasons=reason_list,
@@ -341,9 +359,12 @@ class Scorer:
                     scored_at=now,
                     customer_token=batch.customer_tokens[row],
                     terminal_id=terminals[row],
-                    fraud_score=float(scores[row]),
+                    fraud_score=float(scores.fraud[row]),
+                    anomaly_score=float(scores.anomaly[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,
+                    shadow_model_version=shadow_version,
+                    shadow_fraud_score=float(shadow[row]) if shadow is not None else None,
                 )
                 key = batch.customer_tokens[row].encode()
                 out.append(Output(self.topics.scores, key, record.model_dump_json().encode()))

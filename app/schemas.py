@@ -145,6 +145,9 @@ class ScoreRecord(BaseModel):
     decision: Decision
     model_version: str
     fail_open: bool = Field(default=False, description="scored with default features")
+    shadow_model_version: str | None = Field(
+        default=None, description="a shadow model scored alongside, not acted on")
+    shadow_fraud_score: float | None = None
 
 
 class Alert(ScoreRecord):

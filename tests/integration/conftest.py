@@ -14,8 +14,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from app.simulator import simulate
 from features.offline import compute_features
+from models.ensemble import train_ensemble
 from models.registry import ModelRef, save
-from models.train import TrainConfig, train_lightgbm
+from models.train import TrainConfig
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +30,10 @@ def model(simulated: tuple[pd.DataFrame, pd.DataFrame],
     """A small real model, trained the way `fraudscore train` does."""
     tx, labels = simulated
     features = compute_features(tx, labels)
-    trained = train_lightgbm(features, labels["is_fraud"].to_numpy(), tx["timestamp"],
-                             TrainConfig(n_estimators=60))
+    ens = train_ensemble(features, labels["is_fraud"].to_numpy(), tx["timestamp"],
+                         tx["customer_id"].to_numpy(), TrainConfig(n_estimators=60))
     registry: Path = tmp_path_factory.mktemp("registry")
-    return save(trained, registry, {"test": True}, features.to_numpy()[:1000])
+    return save(ens, registry, {"test": True}, features.to_numpy()[:1000])
 
 
 def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:

@@ -52,7 +52,8 @@ def test_simulate_train_run_file_engine(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 0, result.output
     version = (registry / "LATEST").read_text().strip()
     manifest = json.loads((registry / version / "manifest.json").read_text())
-    assert manifest["onnx_parity_max_abs_diff"] < 1e-4
+    assert manifest["parity_max_abs_diff"]["onnx"] < 1e-5
+    assert manifest["parity_max_abs_diff"]["neural_onnx"] < 1e-5
     assert 0 < manifest["review_threshold"] <= manifest["block_threshold"] <= 1
 
     with data.open("ab") as fh:
