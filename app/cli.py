@@ -222,7 +222,12 @@ def run(
     model: Annotated[Path | None, typer.Option(help="model folder or registry")] = None,
     input: Annotated[Path | None, typer.Option(help="file engine: JSONL input")] = None,
     out: Annotated[Path, typer.Option(help="file engine: output folder")] = Path("out"),
-    workers: int = 1,
+    workers: Annotated[int, typer.Option(
+        min=1, max=64, help="scoring processes in this consumer group")] = 1,
+    worker_id: Annotated[int, typer.Option(
+        min=0, help="index of the first worker: stable per worker (e.g. a StatefulSet "
+                    "ordinal); it names the transactional id and static group membership")]
+    = 0,
 ) -> None:
     """Score the transactions stream (Kafka by default) until SIGTERM/SIGINT."""
     from app import factory
@@ -231,9 +236,6 @@ def run(
 
     settings = _settings()
     setup_logging(settings.log_level)
-    if workers != 1:
-        raise _fail("--workers > 1 is not available yet; run more processes with the same "
-                    "FRAUDSCORE_GROUP_ID instead", 2)
     try:
         ref = factory.model_ref(settings, model)
         token_key, pii_key = factory.keys_from_settings(settings)
@@ -253,16 +255,20 @@ def run(
                       f"({summary.events_per_s:,.0f}/s) → {out}")
         return
 
-    from app.engines.confluent import ensure_topics, run_worker
+    from functools import partial
 
-    client = factory.redis_client(settings.redis_url)
-    scorer = factory.build_scorer(settings, client, ref, token_key, pii_key,
-                                  follow=factory.model_source(settings, model))
+    from app.engines.confluent import ensure_topics, serve
+    from app.engines.workers import supervise
+
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stats = run_worker(settings, scorer, stop)
+    if workers > 1:
+        code = supervise(workers, partial(serve, model), stop, first_id=worker_id)
+        console.print(f"stopped {workers} workers")
+        raise typer.Exit(code)
+    stats = serve(model, worker_id, stop)
     console.print(f"stopped: {stats}")
 
 

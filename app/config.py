@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     pii_key: SecretStr | None = Field(default=None, description="AES-256 key, base64")
     pii_key_file: Path | None = None
     pii_key_id: str = "k1"
+    fail_open: bool = Field(
+        default=False, description="on a Redis outage, score with default features (flagged "
+        "fail_open on every output) instead of pausing")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9108, description="/metrics, /healthz, /readyz; worker i of --workers N uses "
+        "port + i; 0 = off")
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @field_validator("kafka_bootstrap_servers")

@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
+from app.metrics import NON_FINITE, STAGE_SECONDS
 from app.schemas import Alert, Label, Reason, ScoreRecord, Transaction
 from app.security.envelope import FieldCipher, associated_data
 from app.security.tokens import Tokenizer, equality_keys
-from features.definitions import FEATURE_NAMES
-from features.online import EventBatch, LabelBatch, RedisFeatureStore
-from features.windows import country_keys, terminal_hash
+from features.definitions import DEFAULTS, FEATURE_NAMES
+from features.online import EventBatch, FeatureStoreUnavailable, LabelBatch, RedisFeatureStore
+from features.windows import country_keys, terminal_hash, transaction_features
 from models.policy import Policy
 from models.runtime import ModelRuntime, ModelWatcher, Scores
 
@@ -195,6 +196,13 @@ def enrich(batch: Pseudonymised, store: RedisFeatureStore) -> np.ndarray:
     return store.update_many(batch.events)
 
 
+def default_features(batch: Pseudonymised) -> np.ndarray:
+    """Fail-open features: the stateless ones computed, every windowed one at its default."""
+    out = np.tile(DEFAULTS, (len(batch.events.amount), 1))
+    transaction_features(batch.events.t_us, batch.events.amount, out)
+    return out
+
+
 def decide(scores: Scores, policy: Policy, batch: Pseudonymised
            ) -> tuple[np.ndarray, list[str | None]]:
     return policy.decide(scores.fraud, scores.anomaly, batch.events.amount, batch.terminal_ids)
@@ -234,6 +242,8 @@ class BatchResult:
     n_alerts: int
     features: np.ndarray
     anomaly: np.ndarray = field(default_factory=lambda: np.empty(0))
+    event_us: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    fail_open: bool = False
 
 
 class Scorer:
@@ -280,31 +290,49 @@ class Scorer:
         self.model, self.policy = new, policy
         return True
 
-    def process(self, records: Sequence[InputRecord]) -> BatchResult:
-        txs, _, dead = decode(records, self.max_event_bytes, Transaction, self.max_future_s)
+    def process(self, records: Sequence[InputRecord], fail_open: bool = False) -> BatchResult:
+        """Score a batch. With `fail_open`, a Redis outage does not stop scoring: features
+        fall back to :func:`default_features`, feature state is not updated, and every
+        output of the batch says ``fail_open: true``."""
+        with STAGE_SECONDS.labels("decode").time():
+            txs, _, dead = decode(records, self.max_event_bytes, Transaction, self.max_future_s)
         outputs = [d.to_output(self.topics.dlq) for d in dead]
         if not txs:
             empty = np.empty(0)
             no_features = np.empty((0, len(FEATURE_NAMES)))
             return BatchResult(outputs, [], empty, empty.astype(str), dead, 0, no_features)
         self.maybe_reload()
-        batch = pseudonymise(txs, self.tokenizer)
-        features = enrich(batch, self.store)
-        scores = self.model.score(features)
-        decisions, rules = decide(scores, self.policy, batch)
-        shadow = self.shadow.score(features).fraud if self.shadow is not None else None
-        outputs.extend(self._emit(batch, features, scores, decisions, rules, shadow))
+        with STAGE_SECONDS.labels("pseudonymise").time():
+            batch = pseudonymise(txs, self.tokenizer)
+        opened = False
+        with STAGE_SECONDS.labels("features").time():
+            try:
+                features = enrich(batch, self.store)
+            except FeatureStoreUnavailable:
+                if not fail_open:
+                    raise
+                features, opened = default_features(batch), True
+        with STAGE_SECONDS.labels("score").time():
+            before = self.model.non_finite_rows
+            scores = self.model.score(features)
+            NON_FINITE.inc(self.model.non_finite_rows - before)
+            decisions, rules = decide(scores, self.policy, batch)
+            shadow = self.shadow.score(features).fraud if self.shadow is not None else None
+        with STAGE_SECONDS.labels("emit").time():
+            outputs.extend(self._emit(batch, features, scores, decisions, rules, shadow, opened))
         n_alerts = int((decisions != "allow").sum())
         return BatchResult(outputs, batch.transaction_ids, scores.fraud, decisions, dead,
-                           n_alerts, features, scores.anomaly)
+                           n_alerts, features, scores.anomaly, batch.events.t_us, opened)
 
-    def process_mixed(self, records: Sequence[InputRecord]) -> BatchResult:
+    def process_mixed(self, records: Sequence[InputRecord], fail_open: bool = False
+                      ) -> BatchResult:
         """A batch polled from both topics: its labels take effect first, then its
-        transactions are scored in order (what the file engine and replay assume too)."""
+        transactions are scored in order (what the file engine and replay assume too).
+        Labels cannot be applied fail-open: an outage then fails the whole batch."""
         labels = [r for r in records if r.topic == self.topics.labels]
         txs = [r for r in records if r.topic != self.topics.labels]
         label_result = self.process_labels(labels) if labels else None
-        result = self.process(txs)
+        result = self.process(txs, fail_open)
         if label_result is not None:
             result.outputs[:0] = label_result.outputs
             result.dead[:0] = label_result.dead
@@ -322,6 +350,7 @@ class Scorer:
     def _emit(
         self, batch: Pseudonymised, features: np.ndarray, scores: Scores,
         decisions: np.ndarray, rules: list[str | None], shadow: np.ndarray | None,
+        fail_open: bool = False,
     ) -> list[Output]:
         now = datetime.now(UTC)
         version = self.model.version
@@ -346,6 +375,7 @@ class Scorer:
                     anomaly_score=float(scores.anomaly[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,
+                    fail_open=fail_open,
                     reasons=reason_list,
                     pii=self.cipher.encrypt(batch.pii[row], associated_data(aid, tx_id)),
                 )
@@ -363,6 +393,7 @@ class Scorer:
                     anomaly_score=float(scores.anomaly[row]),
                     decision=str(decisions[row]),  # type: ignore[arg-type]
                     model_version=version,
+                    fail_open=fail_open,
                     shadow_model_version=shadow_version,
                     shadow_fraud_score=float(shadow[row]) if shadow is not None else None,
                 )

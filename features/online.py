@@ -292,6 +292,13 @@ class RedisFeatureStore:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
         self._cards.clear()
 
+    def ping(self) -> None:
+        """Raise :class:`FeatureStoreUnavailable` unless Redis answers (readiness checks)."""
+        try:
+            self._r.ping()
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"ping: {exc}") from exc
+
     # ---- events -------------------------------------------------------------------------
 
     def update_many(self, batch: EventBatch) -> np.ndarray:

@@ -8,17 +8,22 @@ worker with the same ``transactional.id`` is fenced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from app import metrics
 from app.config import Settings
-from app.pipeline import InputRecord, Output, Scorer
+from app.pipeline import BatchResult, InputRecord, Output, Scorer
 from features.online import FeatureStoreUnavailable
 
 log = logging.getLogger("fraudscore.engine")
@@ -26,6 +31,7 @@ log = logging.getLogger("fraudscore.engine")
 TXN_TIMEOUT_S = 30.0
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
+IDLE_PING_S = 5.0  # when no events arrive, check Redis this often so /readyz stays truthful
 
 
 def ensure_topics(settings: Settings, partitions: int = 3) -> None:
@@ -54,6 +60,8 @@ class EngineStats:
     dead: int = 0
     aborts: int = 0
     retries: int = 0
+    producer_restarts: int = 0
+    fail_open: int = 0
 
 
 class ConfluentEngine:
@@ -62,20 +70,33 @@ class ConfluentEngine:
     def __init__(self, settings: Settings, scorer: Scorer, worker_id: int = 0) -> None:
         self.settings = settings
         self.scorer = scorer
+        self.worker_id = worker_id
         self.stats = EngineStats()
+        self.ready: tuple[bool, str] = (False, "starting")
         self._backoff = BACKOFF_START_S
+        self._last_activity = time.monotonic()
         base = settings.kafka_client_config()
         self._consumer = Consumer({
             **base,
             "group.id": settings.group_id,
+            # static membership: a worker restarted after a crash takes its old place at
+            # once instead of waiting for the session timeout and a full rebalance
+            "group.instance.id": f"{settings.group_id}-worker-{worker_id}",
+            "session.timeout.ms": 10000,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
+            "statistics.interval.ms": 5000,
+            "stats_cb": metrics.update_lag_from_stats,
         })
-        self._producer = Producer({
-            **base,
-            "transactional.id": f"{settings.group_id}-worker-{worker_id}",
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> Producer:
+        return Producer({
+            **self.settings.kafka_client_config(),
+            # the same id on restart fences any zombie still holding an open transaction
+            "transactional.id": f"{self.settings.group_id}-worker-{self.worker_id}",
             "linger.ms": 5,
             "transaction.timeout.ms": int(TXN_TIMEOUT_S * 2000),
         })
@@ -83,6 +104,11 @@ class ConfluentEngine:
     def run(self, stop: threading.Event) -> EngineStats:
         """Process batches until `stop` is set; the in-flight batch finishes first."""
         self._producer.init_transactions(TXN_TIMEOUT_S)
+        self.ready = (True, "ok")
+        metrics.READY.set(1)
+        model = self.scorer.model
+        metrics.MODEL_INFO.labels(model.version, model.tree_backend, model.device).set(1)
+        drift = metrics.ScoreDrift(model.manifest.get("score_quantiles") or [])
         # Labels ride along: a batch's labels update feature state before its transactions
         # are scored, and their offsets commit in the same transaction.
         self._consumer.subscribe(
@@ -95,8 +121,14 @@ class ConfluentEngine:
                 messages = self._consumer.consume(self.settings.batch_size, timeout)
                 records = self._records(messages)
                 if records:
-                    self._process_with_retry(records, stop)
+                    result = self._process_with_retry(records, stop)
+                    if result is not None:
+                        drift.observe(result.scores)
+                elif time.monotonic() - self._last_activity > IDLE_PING_S:
+                    self._idle_check()
         finally:
+            metrics.READY.set(0)
+            self.ready = (False, "stopped")
             self._consumer.close()
             self._producer.flush(10)
         return self.stats
@@ -119,31 +151,87 @@ class ConfluentEngine:
                                        msg.offset()))
         return records
 
-    def _process_with_retry(self, records: list[InputRecord], stop: threading.Event) -> None:
+    def _idle_check(self) -> None:
+        self._last_activity = time.monotonic()
+        try:
+            self.scorer.store.ping()
+        except FeatureStoreUnavailable as exc:
+            self._set_ready(False, f"redis unavailable: {exc}")
+        else:
+            self._set_ready(True, "ok")
+
+    def _set_ready(self, ok: bool, why: str) -> None:
+        self.ready = (ok, why)
+        metrics.READY.set(1 if ok else 0)
+
+    def _process_with_retry(self, records: list[InputRecord], stop: threading.Event
+                            ) -> BatchResult | None:
         """Score and commit; on a Redis outage or an abortable Kafka error, rewind the batch,
         pause consumption while backing off (still polling, so the group keeps this worker),
-        and let the batch come back."""
+        and let the batch come back. A fatal producer error (fenced, or the broker lost the
+        producer's state) recreates the producer, which aborts whatever it left open."""
+        self._last_activity = time.monotonic()
+        metrics.BATCH_SIZE.observe(len(records))
         try:
-            result = self.scorer.process_mixed(records)
-            self._commit(result.outputs, records)
+            result = self.scorer.process_mixed(records, fail_open=self.settings.fail_open)
+            with metrics.STAGE_SECONDS.labels("commit").time():
+                self._commit(result.outputs, records)
         except FeatureStoreUnavailable as exc:
             log.warning("feature store unavailable, pausing %.1fs: %s", self._backoff, exc)
+            self._set_ready(False, f"redis unavailable: {exc}")
+            metrics.RETRIES.labels("feature_store").inc()
         except KafkaException as exc:
             err = exc.args[0]
-            if not err.txn_requires_abort() and not err.retriable():
+            metrics.RETRIES.labels("kafka").inc()
+            if err.fatal():
+                log.error("fatal producer error (%s); recreating the producer", err)
+                self._restart_producer()
+            elif err.txn_requires_abort() or err.retriable():
+                log.warning("transaction failed (%s); aborting, the batch will be retried",
+                            err)
+                self._abort()
+            else:
                 raise
-            log.warning("transaction failed (%s); aborting, the batch will be retried", err)
-            self._abort()
         else:
-            self.stats.batches += 1
-            self.stats.events += len(records)
-            self.stats.alerts += result.n_alerts
-            self.stats.dead += len(result.dead)
-            self._backoff = BACKOFF_START_S
-            return
+            self._committed(records, result)
+            return result
         self.stats.retries += 1
         self._pause_for(self._backoff, stop, records)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        return None
+
+    def _committed(self, records: list[InputRecord], result: BatchResult) -> None:
+        self.stats.batches += 1
+        self.stats.events += len(records)
+        self.stats.alerts += result.n_alerts
+        self.stats.dead += len(result.dead)
+        self._backoff = BACKOFF_START_S
+        metrics.TRANSACTIONS.labels("commit").inc()
+        n_labels = sum(1 for r in records if r.topic == self.settings.topic_labels)
+        metrics.EVENTS.labels("label").inc(n_labels)
+        metrics.EVENTS.labels("dead_letter").inc(len(result.dead))
+        metrics.EVENTS.labels("alerted").inc(result.n_alerts)
+        metrics.EVENTS.labels("scored").inc(len(result.scores) - result.n_alerts)
+        metrics.observe_scores(result.scores)
+        if result.fail_open:
+            self.stats.fail_open += len(result.scores)
+            metrics.FAIL_OPEN.inc(len(result.scores))
+            self._set_ready(False, "redis unavailable: scoring fail-open")
+        else:
+            self._set_ready(True, "ok")
+        if len(result.event_us):
+            lag_s = time.time() - result.event_us / 1e6
+            # one observation per event would be a Python loop; the batch's spread is small
+            for q in np.quantile(lag_s, (0.0, 0.5, 1.0)):
+                metrics.END_TO_END_SECONDS.observe(max(float(q), 0.0))
+
+    def _restart_producer(self) -> None:
+        with contextlib.suppress(KafkaException):
+            self._producer.flush(1)
+        self._producer = self._new_producer()
+        self._producer.init_transactions(TXN_TIMEOUT_S)
+        self.stats.producer_restarts += 1
+        metrics.PRODUCER_RESTARTS.inc()
 
     def _pause_for(self, seconds: float, stop: threading.Event,
                    batch: Sequence[InputRecord]) -> None:
@@ -207,12 +295,52 @@ class ConfluentEngine:
             self._producer.abort_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
             log.warning("abort failed: %s", exc.args[0])
+            if exc.args[0].fatal():
+                self._restart_producer()
         self.stats.aborts += 1
+        metrics.TRANSACTIONS.labels("abort").inc()
 
 
 def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,
                worker_id: int = 0) -> EngineStats:
     started = time.perf_counter()
-    stats = ConfluentEngine(settings, scorer, worker_id).run(stop)
+    engine = ConfluentEngine(settings, scorer, worker_id)
+    server = None
+    if settings.metrics_port:
+        try:
+            server = metrics.serve(settings.metrics_port + worker_id, lambda: engine.ready)
+        except OSError as exc:  # scoring matters more than its dashboard
+            log.error("metrics port %d unavailable (%s): no /metrics, /healthz, /readyz",
+                      settings.metrics_port + worker_id, exc)
+    try:
+        stats = engine.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
     log.info("worker %d stopped after %.1fs: %s", worker_id, time.perf_counter() - started, stats)
     return stats
+
+
+def serve(model: Path | None, worker_id: int, stop: threading.Event | None = None
+          ) -> EngineStats:
+    """One worker process end to end: settings from the environment, model, keys, Redis.
+
+    Used in-process for a single worker and as the spawn target of ``--workers N``; a
+    worker started without `stop` stops on SIGTERM/SIGINT itself.
+    """
+    from app import factory
+    from app.config import load_settings
+    from app.observability import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())  # type: ignore[union-attr]
+    ref = factory.model_ref(settings, model)
+    token_key, pii_key = factory.keys_from_settings(settings)
+    client = factory.redis_client(settings.redis_url)
+    scorer = factory.build_scorer(settings, client, ref, token_key, pii_key,
+                                  follow=factory.model_source(settings, model))
+    return run_worker(settings, scorer, stop, worker_id)

@@ -149,7 +149,7 @@ def test_every_event_ends_exactly_once_as_score_or_dead_letter(
     by_id = tx.set_index("transaction_id")
     for a in alerts[:50]:
         assert a.alert_id == alert_id(a.model_version, a.transaction_id)
-        assert [r.feature for r in a.reasons] and len(a.reasons) == 3
+        assert [r.feature for r in a.reasons] and len(a.reasons) >= 3
         pii = cipher.decrypt(PiiEnvelope.model_validate(a.pii.model_dump()),
                              associated_data(a.alert_id, a.transaction_id))
         assert pii["card_number"] == by_id.loc[a.transaction_id, "card_number"]
