@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from features.definitions import FEATURE_NAMES
+from models.blend import blend
 from models.metrics import average_precision, roc_auc
 from models.neural import NeuralModel, NeuralSession, fit_neural
 from models.policy import budget_threshold, precision_threshold
@@ -33,19 +34,6 @@ class Ensemble:
     thresholds: dict[str, float | None]
     metrics: dict[str, float]
     valid_scores: np.ndarray  # final fraud scores on the validation window (drift baseline)
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-12, 1 - 1e-12)
-    return np.log(p / (1 - p))
-
-
-def blend(tree_p: np.ndarray, mlp_logit: np.ndarray | None, weight: float) -> np.ndarray:
-    """Fraud probability: a weighted mean of the two models' log-odds."""
-    if mlp_logit is None or weight == 0.0:
-        return tree_p
-    z = (1.0 - weight) * logit(tree_p) + weight * mlp_logit
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def train_ensemble(

@@ -19,12 +19,14 @@ import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from features.definitions import FEATURE_NAMES
-from models.ensemble import Ensemble, manifest_entries
+
+if TYPE_CHECKING:  # training pulls in LightGBM and scikit-learn, which workers never need
+    from models.ensemble import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ def save(
     compile_backend: str = "auto",
 ) -> ModelRef:
     """Write a new version and point LATEST at it; `sample` rows check every artifact."""
+    from models.ensemble import manifest_entries
     from models.export import lightgbm_to_onnx, parity
 
     booster_text = ens.tree.booster.model_to_string()

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import lightgbm as lgb
 import numpy as np
 import onnxruntime as ort
 
 from features.definitions import N_FEATURES
-from models.ensemble import blend
+from models.blend import blend
 from models.neural import NeuralSession
 from models.registry import (
     BOOSTER,
@@ -104,7 +104,7 @@ class ModelRuntime:
         self._neural = NeuralSession(neural_path.read_bytes(),
                                      np.asarray(ref.manifest["anomaly_calibration"]),
                                      provider_list) if neural_path.exists() else None
-        self._booster: lgb.Booster | None = None
+        self._booster: Any = None  # lightgbm.Booster, loaded on the first alert
         self._booster_lock = threading.Lock()
 
     @staticmethod
@@ -163,6 +163,8 @@ class ModelRuntime:
         """Per-feature log-odds contributions (TreeSHAP); only called for alerted rows."""
         with self._booster_lock:
             if self._booster is None:
+                import lightgbm as lgb  # slow to import; only alerts need it
+
                 self._booster = lgb.Booster(model_file=str(self.ref.path / BOOSTER))
         contrib = self._booster.predict(self._clean(x), pred_contrib=True)
         return np.asarray(contrib)[:, :-1]  # last column is the bias
