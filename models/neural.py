@@ -63,9 +63,15 @@ class NeuralModel:
     reference_error: np.ndarray  # scikit-learn's errors on `reference_x`, for parity checks
     reference_logit: np.ndarray
     reference_x: np.ndarray
+    prep: Preprocessor
+    ae_layers: list[tuple[np.ndarray, np.ndarray]]
 
     def anomaly_score(self, errors: np.ndarray) -> np.ndarray:
         return calibrate(errors, self.error_quantiles)
+
+    def training_library_error(self, x: np.ndarray) -> np.ndarray:
+        """Reconstruction error computed in numpy from the fitted weights (parity checks)."""
+        return reconstruction_error(self.prep, self.ae_layers, x)
 
 
 def calibrate(errors: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
@@ -149,6 +155,8 @@ def fit_neural(
         reference_logit=(_dense(clf_layers, prep.transform(ref_x))[:, 0]
                          - prior_shift) if clf_layers else np.zeros(len(ref_x)),
         reference_x=ref_x,
+        prep=prep,
+        ae_layers=ae_layers,
     )
 
 
