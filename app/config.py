@@ -99,6 +99,28 @@ class Settings(BaseSettings):
     pii_key: SecretStr | None = Field(default=None, description="AES-256 key, base64")
     pii_key_file: Path | None = None
     pii_key_id: str = "k1"
+    pii_keyring_dir: Path | None = Field(
+        default=None, description="key directory (`fraudscore keys`); replaces FRAUDSCORE_PII_KEY")
+    key_wrapper: str = Field(default="local", description="envelope mode: 'local' (master-key "
+                             "file) or 'package.module:factory' for a KMS plug-in")
+    master_key_file: Path | None = Field(
+        default=None, description="local master key that wraps the keyring's data keys")
+    audit_scope: str = Field(default="all", pattern=r"^(all|alerts|off)$",
+                             description="audit every decision, only alerts, or nothing")
+    audit_key: SecretStr | None = Field(default=None, description="HMAC key for audit chains")
+    audit_key_file: Path | None = None
+    audit_key_id: str = Field(default="a1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    audit_keyring_dir: Path | None = Field(
+        default=None, description="audit keys as a key directory; replaces FRAUDSCORE_AUDIT_KEY")
+    audit_file: Path | None = Field(
+        default=None, description="append-only local copy of this process's audit records")
+    audit_writer_id: str | None = Field(
+        default=None, description="audit chain id; default: the worker's transactional id")
+    audit_checkpoint_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, description="log the audit chain head this often (truncation anchor)")
+    max_partition_skew_s: Annotated[float, Field(ge=0)] = Field(
+        default=3600.0, description="pause a partition whose events run this far ahead of "
+        "the slowest one with data left (event time); 0 = off")
     fail_open: bool = Field(
         default=False, description="on a Redis outage, score with default features (flagged "
         "fail_open on every output) instead of pausing")

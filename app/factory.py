@@ -3,34 +3,40 @@
 from __future__ import annotations
 
 import base64
+import logging
 from pathlib import Path
 
 import redis
 
+from app import audit as audit_trail
 from app.config import ConfigError, Settings
 from app.pipeline import Scorer, Topics
+from app.security import keys as key_settings
 from app.security.envelope import FieldCipher
+from app.security.keyring import Keyring, KeyringWatcher
 from app.security.tokens import KeyMaterialError, Tokenizer, load_key
 from features.online import RedisFeatureStore
 from models.policy import Policy
 from models.registry import ModelRef, resolve
 from models.runtime import ModelRuntime, ModelWatcher
 
+log = logging.getLogger("fraudscore.factory")
+
 
 def keys_from_settings(settings: Settings) -> tuple[bytes, bytes]:
-    """(token key, PII key); a missing or unsafe key stops the service at start."""
+    """(token key, active PII key); a missing or unsafe key (the audit key included) stops
+    the service at start. With a key directory, `build_scorer` loads all of its keys."""
     try:
         token_key = load_key(
             settings.token_key.get_secret_value() if settings.token_key else None,
             settings.token_key_file, "token_key",
         )
-        pii_key = load_key(
-            settings.pii_key.get_secret_value() if settings.pii_key else None,
-            settings.pii_key_file, "pii_key", length=32,
-        )
     except KeyMaterialError as exc:
         raise ConfigError(str(exc)) from None
-    return token_key, pii_key
+    ring = key_settings.pii_keyring(settings)
+    if settings.audit_scope != "off":
+        key_settings.audit_signer(settings)
+    return token_key, ring.keys[ring.active]
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -68,11 +74,44 @@ def runtime_for(settings: Settings, ref: ModelRef) -> ModelRuntime:
     return ModelRuntime(ref, device=settings.model_device, tree_backend=settings.tree_backend)
 
 
+def audit_log(settings: Settings, worker_id: int | None) -> audit_trail.AuditLog | None:
+    """The scorer's audit chain. A Kafka worker (`worker_id` known) recovers its head from
+    the audit topic; otherwise from FRAUDSCORE_AUDIT_FILE, if any."""
+    if settings.audit_scope == "off":
+        return None
+    signer = key_settings.audit_signer(settings)
+    writer = key_settings.scorer_writer_id(settings, worker_id)
+    if worker_id is not None:
+        from app.audit_kafka import last_record_in_topic
+
+        config = settings.kafka_client_config()
+        recover = lambda: last_record_in_topic(config, settings.topic_audit, writer)  # noqa: E731
+    elif settings.audit_file is not None:
+        path = settings.audit_file
+        recover = lambda: audit_trail.last_in_file(path, writer)  # noqa: E731
+    else:
+        recover = None
+    return audit_trail.AuditLog(writer, signer, recover=recover, file=settings.audit_file,
+                                checkpoint_s=settings.audit_checkpoint_s)
+
+
+def pii_cipher(settings: Settings, pii_key: bytes) -> tuple[FieldCipher, KeyringWatcher | None]:
+    """The alert cipher; with a key directory, all its keys and a watcher for rotations."""
+    if settings.pii_keyring_dir is None:
+        return FieldCipher({settings.pii_key_id: pii_key}, settings.pii_key_id), None
+    # the watcher first: a rotation between the two steps is then seen at the first poll
+    watcher = KeyringWatcher(settings.pii_keyring_dir, key_settings.key_wrapper(settings),
+                             on_reload=lambda r: None,
+                             on_error=lambda e: log.error("PII keyring not reloaded: %s", e))
+    return FieldCipher.from_keyring(key_settings.pii_keyring(settings)), watcher
+
+
 def build_scorer(
     settings: Settings, client: redis.Redis, ref: ModelRef, token_key: bytes, pii_key: bytes,
-    follow: Path | None = None,
+    follow: Path | None = None, worker_id: int | None = None,
 ) -> Scorer:
-    """`follow`: the registry folder the model came from; its LATEST is then watched."""
+    """`follow`: the registry folder the model came from; its LATEST is then watched.
+    `worker_id`: the Kafka worker's index (its audit chain is then its transactional id)."""
     runtime = runtime_for(settings, ref)
     registry = follow
     watcher = None
@@ -82,21 +121,33 @@ def build_scorer(
                                lambda r: runtime_for(settings, r))
     shadow = runtime_for(settings, resolve(settings.shadow_model_dir)) \
         if settings.shadow_model_dir else None
-    return Scorer(
+    cipher, key_watcher = pii_cipher(settings, pii_key)
+    scorer = Scorer(
         store=RedisFeatureStore(client, namespace=settings.redis_namespace),
         model=runtime,
         tokenizer=Tokenizer(token_key),
-        cipher=FieldCipher({settings.pii_key_id: pii_key}, settings.pii_key_id),
+        cipher=cipher,
         policy=policy_for(settings, runtime),
         policy_for=lambda r: policy_for(settings, r),
         watcher=watcher,
         shadow=shadow,
         topics=Topics(settings.topic_alerts, settings.topic_scores, settings.topic_dlq,
-                      settings.topic_labels),
+                      settings.topic_labels, settings.topic_audit),
         max_event_bytes=settings.max_event_bytes,
         emit_scores=settings.emit_scores,
         max_future_s=settings.max_future_skew_s,
+        audit=audit_log(settings, worker_id),
+        audit_scope=settings.audit_scope,
+        key_watcher=key_watcher,
     )
+    if key_watcher is not None:
+        key_watcher.on_reload = lambda ring: _rotated(scorer, ring)
+    return scorer
+
+
+def _rotated(scorer: Scorer, ring: Keyring) -> None:
+    scorer.set_cipher(FieldCipher.from_keyring(ring))
+    log.info("PII keyring reloaded: active key %s, %d keys", ring.active, len(ring.keys))
 
 
 def b64(key: bytes) -> str:

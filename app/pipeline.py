@@ -17,9 +17,12 @@ from typing import Any, TypeVar
 import numpy as np
 from pydantic import ValidationError
 
+from app.audit import AuditLog, features_hashes
 from app.metrics import NON_FINITE, STAGE_SECONDS
-from app.schemas import Alert, Label, Reason, ScoreRecord, Transaction
+from app.schemas import Alert, AuditItem, Label, Reason, ScoreRecord, Transaction
 from app.security.envelope import FieldCipher, associated_data
+from app.security.keyring import KeyringWatcher
+from app.security.redact import Redactor
 from app.security.tokens import Tokenizer, equality_keys
 from features.definitions import DEFAULTS, FEATURE_NAMES
 from features.online import EventBatch, FeatureStoreUnavailable, LabelBatch, RedisFeatureStore
@@ -61,7 +64,9 @@ class DeadLetter:
     stage: str
     reason: str
 
-    def to_output(self, topic: str) -> Output:
+    def to_output(self, topic: str, redactor: Redactor | None = None) -> Output:
+        """With a `redactor` (the scorer always has one): the value redacted, the key
+        tokenised, the original sealed in a header; without, the original bytes."""
         headers = [
             ("error.stage", self.stage.encode()),
             ("error.reason", self.reason[:MAX_REASON_CHARS].encode()),
@@ -69,7 +74,12 @@ class DeadLetter:
             ("source.partition", str(self.record.partition).encode()),
             ("source.offset", str(self.record.offset).encode()),
         ]
-        return Output(topic, self.record.key, self.record.value or b"", headers)
+        key, value = self.record.key, self.record.value or b""
+        if redactor is not None:
+            key, value, sealed = redactor.protect(key, value, self.record.topic,
+                                                  self.record.partition, self.record.offset)
+            headers.extend(sealed)
+        return Output(topic, key, value, headers)
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Topics:
     scores: str = "scores"
     dlq: str = "transactions.dlq"
     labels: str = "fraud-labels"
+    audit: str = "audit"
 
 
 # ---- stage 1 ------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymi
     )
     pii = [
         {"customer_id": t.customer_id, "card_number": t.card_number, "device_id": t.device_id,
-         "ip": t.ip}
+         "ip": t.ip, "email": t.email}
         for t in txs
     ]
     return Pseudonymised(events, customer_tokens, [t.timestamp for t in txs], pii)
@@ -244,6 +255,7 @@ class BatchResult:
     anomaly: np.ndarray = field(default_factory=lambda: np.empty(0))
     event_us: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     fail_open: bool = False
+    sources: list[InputRecord] = field(default_factory=list)  # where each scored row came from
 
 
 class Scorer:
@@ -263,9 +275,14 @@ class Scorer:
         policy_for: Callable[[ModelRuntime], Policy] | None = None,
         watcher: ModelWatcher | None = None,
         shadow: ModelRuntime | None = None,
+        audit: AuditLog | None = None,
+        audit_scope: str = "all",
+        key_watcher: KeyringWatcher | None = None,
     ) -> None:
         """`policy_for` rebuilds the policy when `watcher` swaps in a new model version;
-        a `shadow` model is scored alongside and recorded, never acted on."""
+        a `shadow` model is scored alongside and recorded, never acted on. `audit` chains a
+        record per alert (and, with `audit_scope` "all", per batch of other decisions);
+        `key_watcher` swaps in a rotated PII keyring between batches."""
         self.store = store
         self.model = model
         self.tokenizer = tokenizer
@@ -278,6 +295,10 @@ class Scorer:
         self.policy_for = policy_for
         self.watcher = watcher
         self.shadow = shadow
+        self.redactor = Redactor(tokenizer, cipher)
+        self.audit = audit
+        self.audit_scope = audit_scope
+        self.key_watcher = key_watcher
 
     def maybe_reload(self) -> bool:
         """Between batches: switch to a newly registered model version, if any."""
@@ -290,13 +311,35 @@ class Scorer:
         self.model, self.policy = new, policy
         return True
 
+    def set_cipher(self, cipher: FieldCipher) -> None:
+        """A rotated keyring: new envelopes use its active key from the next batch on."""
+        self.cipher = cipher
+        self.redactor.cipher = cipher
+
+    def batch_committed(self) -> None:
+        """The engine committed the last batch's transaction (optional: implied by the next
+        `process`): its audit records become the chain's durable head."""
+        if self.audit is not None:
+            self.audit.confirm()
+
+    def batch_aborted(self) -> None:
+        """The engine aborted the last batch's transaction: forget its audit records, so
+        the chain continues from the last committed one. Engines that abort must call it."""
+        if self.audit is not None:
+            self.audit.rollback()
+
     def process(self, records: Sequence[InputRecord], fail_open: bool = False) -> BatchResult:
         """Score a batch. With `fail_open`, a Redis outage does not stop scoring: features
         fall back to :func:`default_features`, feature state is not updated, and every
         output of the batch says ``fail_open: true``."""
+        if self.audit is not None:
+            self.audit.begin()
+        if self.key_watcher is not None:
+            self.key_watcher.poll()
         with STAGE_SECONDS.labels("decode").time():
-            txs, _, dead = decode(records, self.max_event_bytes, Transaction, self.max_future_s)
-        outputs = [d.to_output(self.topics.dlq) for d in dead]
+            txs, sources, dead = decode(records, self.max_event_bytes, Transaction,
+                                        self.max_future_s)
+        outputs = [d.to_output(self.topics.dlq, self.redactor) for d in dead]
         if not txs:
             empty = np.empty(0)
             no_features = np.empty((0, len(FEATURE_NAMES)))
@@ -320,9 +363,12 @@ class Scorer:
             shadow = self.shadow.score(features).fraud if self.shadow is not None else None
         with STAGE_SECONDS.labels("emit").time():
             outputs.extend(self._emit(batch, features, scores, decisions, rules, shadow, opened))
+            if self.audit is not None:
+                outputs.extend(self._audit_decisions(batch, features, scores, decisions, opened))
         n_alerts = int((decisions != "allow").sum())
         return BatchResult(outputs, batch.transaction_ids, scores.fraud, decisions, dead,
-                           n_alerts, features, scores.anomaly, batch.events.t_us, opened)
+                           n_alerts, features, scores.anomaly, batch.events.t_us, opened,
+                           sources)
 
     def process_mixed(self, records: Sequence[InputRecord], fail_open: bool = False
                       ) -> BatchResult:
@@ -344,7 +390,7 @@ class Scorer:
         if labels:
             self.store.apply_labels(label_batch(labels, self.tokenizer))
         empty = np.empty(0)
-        return BatchResult([d.to_output(self.topics.dlq) for d in dead], [], empty,
+        return BatchResult([d.to_output(self.topics.dlq, self.redactor) for d in dead], [], empty,
                            empty.astype(str), dead, 0, np.empty((0, len(FEATURE_NAMES))))
 
     def _emit(
@@ -399,4 +445,34 @@ class Scorer:
                 )
                 key = batch.customer_tokens[row].encode()
                 out.append(Output(self.topics.scores, key, record.model_dump_json().encode()))
+        return out
+
+    def _audit_decisions(self, batch: Pseudonymised, features: np.ndarray, scores: Scores,
+                         decisions: np.ndarray, fail_open: bool = False) -> list[Output]:
+        """One record per alert; with scope "all", the other decisions in batched records."""
+        if self.audit is None:
+            return []
+        audit, version = self.audit, self.model.version
+        why = "fail-open: scored with default features" if fail_open else None
+        actor = f"service:{audit.writer_id}"
+        key = audit.writer_id.encode()
+        tx_ids = batch.transaction_ids
+        flagged = np.flatnonzero(decisions != "allow")
+        hashes = features_hashes(features[flagged], version)
+        out = []
+        for i, inputs_hash in zip(flagged, hashes, strict=True):
+            decision, score = str(decisions[i]), float(scores.fraud[i])
+            item = AuditItem(transaction_id=tx_ids[i], decision=decision,  # type: ignore[arg-type]
+                             score=score, inputs_hash=inputs_hash)
+            line = audit.record(
+                actor=actor, action="decision.alert", outcome="success", object_type="alert",
+                object_id=alert_id(version, tx_ids[i]), inputs_hash=inputs_hash,
+                model_version=version, score=score, decision=decision, items=[item], reason=why)
+            out.append(Output(self.topics.audit, key, line))
+        if self.audit_scope == "all":
+            rows = np.flatnonzero(decisions == "allow")
+            lines = audit.decisions(actor, version, [tx_ids[i] for i in rows],
+                                    decisions[rows].tolist(), scores.fraud[rows].tolist(),
+                                    features[rows], why)
+            out.extend(Output(self.topics.audit, key, line) for line in lines)
         return out

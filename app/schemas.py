@@ -100,6 +100,7 @@ class Transaction(_Value):
     channel: Annotated[str, Field(min_length=1, max_length=32)] | None = None
     country: Annotated[str, Field(pattern=r"^[A-Z]{2}$")] | None = None
     device_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    email: Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
     ip: Annotated[str, Field(max_length=45), AfterValidator(_check_ip)] | None = None
 
 
@@ -159,7 +160,9 @@ class Alert(ScoreRecord):
 
 
 class DeadLetterHeaders(BaseModel):
-    """Headers of a `transactions.dlq` record; the value is the original bytes, untouched."""
+    """Headers of a `transactions.dlq` record. The value is the original with card numbers
+    masked (BIN + last 4), e-mails and IPs removed and identifier fields tokenised; the key
+    is the original key's token; the original key and bytes are in `original.envelope`."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -168,23 +171,52 @@ class DeadLetterHeaders(BaseModel):
     source_topic: str = Field(alias="source.topic")
     source_partition: int = Field(alias="source.partition")
     source_offset: int = Field(alias="source.offset")
+    original_envelope: PiiEnvelope | None = Field(
+        default=None, alias="original.envelope",
+        description="AES-256-GCM of the original key and value (JSON), bound to the source "
+                    "topic, partition and offset")
+    original_omitted: str | None = Field(
+        default=None, alias="original.omitted", description="why the original was not sealed")
+    value_truncated: int | None = Field(
+        default=None, alias="value.truncated",
+        description="the original's length when the redacted value was cut short")
+
+
+class AuditItem(BaseModel):
+    """One decision inside an audit record (no personal data: ids, scores, hashes)."""
+
+    transaction_id: str
+    decision: Decision
+    score: float
+    inputs_hash: str | None = None
 
 
 class AuditRecord(BaseModel):
-    """`audit` value: one decision or analyst access, hash-chained per writer."""
+    """`audit` value: one decision or analyst access, hash-chained per writer.
+
+    The PCI DSS 10.2.2 fields: who (`actor`), what (`action`), when (`occurred_at`),
+    success or failure (`outcome`), where from (`origin`), affected object (`object_type`,
+    `object_id`). `hash` is HMAC-SHA256 under the audit key `key_id` over the canonical JSON
+    of every other field, `prev_hash` the hash of the writer's previous record.
+    """
 
     writer_id: str
     seq: int = Field(ge=0)
     occurred_at: datetime
     actor: str
     action: str
-    outcome: str
+    outcome: Literal["success", "failure", "denied"]
     origin: str
+    object_type: str = ""
     object_id: str
+    reason: str | None = Field(default=None, description="why (analyst access), redacted")
     inputs_hash: str | None = None
     model_version: str | None = None
     score: float | None = None
     decision: Decision | None = None
+    items: list[AuditItem] = Field(
+        default_factory=list, description="the decisions this record covers")
+    key_id: str = ""
     prev_hash: str
     hash: str
 

@@ -77,4 +77,5 @@ def keys_env() -> dict[str, str]:
     return {
         "FRAUDSCORE_TOKEN_KEY": base64.b64encode(os.urandom(32)).decode(),
         "FRAUDSCORE_PII_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "FRAUDSCORE_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode(),
     }

@@ -32,6 +32,7 @@ TXN_TIMEOUT_S = 30.0
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
 IDLE_PING_S = 5.0  # when no events arrive, check Redis this often so /readyz stays truthful
+_UNKNOWN = -(2**62)
 
 
 def ensure_topics(settings: Settings, partitions: int = 3) -> None:
@@ -91,6 +92,9 @@ class ConfluentEngine:
             "stats_cb": metrics.update_lag_from_stats,
         })
         self._producer = self._new_producer()
+        self._event_us: dict[tuple[str, int], int] = {}  # latest event time per partition
+        self._held: set[tuple[str, int]] = set()  # partitions paused for running ahead
+        self._skew_us = int(settings.max_partition_skew_s * 1e6)
 
     def _new_producer(self) -> Producer:
         return Producer({
@@ -124,8 +128,12 @@ class ConfluentEngine:
                     result = self._process_with_retry(records, stop)
                     if result is not None:
                         drift.observe(result.scores)
-                elif time.monotonic() - self._last_activity > IDLE_PING_S:
-                    self._idle_check()
+                        self._align(result)
+                else:
+                    if self._held:
+                        self._align(None)  # the slow partitions may have run dry
+                    if time.monotonic() - self._last_activity > IDLE_PING_S:
+                        self._idle_check()
         finally:
             metrics.READY.set(0)
             self.ready = (False, "stopped")
@@ -136,6 +144,8 @@ class ConfluentEngine:
     def _on_rebalance(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Cards may have moved to or from another worker: drop the cached card state."""
         self.scorer.store.invalidate()
+        self._event_us.clear()
+        self._held.clear()  # a new assignment starts unpaused
         log.info("rebalance: %d partitions; card cache dropped", len(partitions))
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
@@ -150,6 +160,47 @@ class ConfluentEngine:
             records.append(InputRecord(msg.value(), msg.key(), msg.topic(), msg.partition(),
                                        msg.offset()))
         return records
+
+    def _align(self, result: BatchResult | None) -> None:
+        """Keep this worker's transaction partitions within `max_partition_skew_s` of each
+        other in event time: pause those that run ahead of the slowest one that still has
+        data, resume them when it catches up. Terminal windows end 7 days before the event,
+        so with a bounded skew every partition's events are counted before any window needs
+        them, and catching up after an outage or a crash scores exactly like a live run."""
+        if self._skew_us <= 0:
+            return
+        done = [] if result is None else zip(result.sources, result.event_us.tolist(),
+                                              strict=True)
+        for rec, t in done:
+            key = (rec.topic, rec.partition)
+            if t > self._event_us.get(key, _UNKNOWN):
+                self._event_us[key] = t
+        topic = self.settings.topic_transactions
+        mine = [tp for tp in self._consumer.assignment() if tp.topic == topic]
+        if len(mine) < 2:
+            return
+        positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(mine)}
+        behind = []
+        for tp in mine:
+            key = (tp.topic, tp.partition)
+            if key in self._held:
+                continue
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            pos = positions.get(key, -1)
+            if high < 0 or pos < 0 or pos < high:  # unknown, or data left to read
+                behind.append(self._event_us.get(key, _UNKNOWN))
+        ahead: set[tuple[str, int]] = set()
+        if behind:  # a partition not read yet counts as the slowest: read it first
+            limit = min(behind) + self._skew_us
+            ahead = {k for k, t in self._event_us.items() if k[0] == topic and t > limit}
+        pause = [TopicPartition(t, p) for t, p in ahead - self._held]
+        resume = [TopicPartition(t, p) for t, p in self._held - ahead]
+        if pause:
+            self._consumer.pause(pause)
+            log.debug("holding %d partitions that run ahead in event time", len(pause))
+        if resume:
+            self._consumer.resume(resume)
+        self._held = ahead
 
     def _idle_check(self) -> None:
         self._last_activity = time.monotonic()
@@ -177,10 +228,12 @@ class ConfluentEngine:
             with metrics.STAGE_SECONDS.labels("commit").time():
                 self._commit(result.outputs, records)
         except FeatureStoreUnavailable as exc:
+            self.scorer.batch_aborted()  # the audit chain head rolls back with the batch
             log.warning("feature store unavailable, pausing %.1fs: %s", self._backoff, exc)
             self._set_ready(False, f"redis unavailable: {exc}")
             metrics.RETRIES.labels("feature_store").inc()
         except KafkaException as exc:
+            self.scorer.batch_aborted()
             err = exc.args[0]
             metrics.RETRIES.labels("kafka").inc()
             if err.fatal():
@@ -193,6 +246,7 @@ class ConfluentEngine:
             else:
                 raise
         else:
+            self.scorer.batch_committed()
             self._committed(records, result)
             return result
         self.stats.retries += 1
@@ -250,6 +304,7 @@ class ConfluentEngine:
             if late:
                 log.info("%d messages arrived while paused; they will be read again", len(late))
         self._consumer.resume(assigned)
+        self._held.clear()
         for (topic, partition), offset in where.items():
             if offset >= 0:
                 try:
@@ -342,5 +397,6 @@ def serve(model: Path | None, worker_id: int, stop: threading.Event | None = Non
     token_key, pii_key = factory.keys_from_settings(settings)
     client = factory.redis_client(settings.redis_url)
     scorer = factory.build_scorer(settings, client, ref, token_key, pii_key,
-                                  follow=factory.model_source(settings, model))
+                                  follow=factory.model_source(settings, model),
+                                  worker_id=worker_id)
     return run_worker(settings, scorer, stop, worker_id)

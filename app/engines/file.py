@@ -88,7 +88,8 @@ def run_file(
 ) -> FileRunSummary:
     """Stream records through the scorer in batches, writing alerts/scores/dlq JSONL."""
     topics = scorer.topics
-    sinks = _Sinks(out_dir, {"alerts": topics.alerts, "scores": topics.scores, "dlq": topics.dlq})
+    sinks = _Sinks(out_dir, {"alerts": topics.alerts, "scores": topics.scores, "dlq": topics.dlq,
+                             "audit": topics.audit})
     summary = FileRunSummary()
     start = time.perf_counter()
     with Progress(disable=not progress, transient=True) as bar:
@@ -119,6 +120,7 @@ def _run_batch(
 ) -> None:
     result = scorer.process_mixed(batch)
     sinks.write(result.outputs)
+    scorer.batch_committed()  # the files are this engine's commit: the audit head moves on
     n_labels = sum(1 for r in batch if r.topic == scorer.topics.labels)
     summary.labels += n_labels
     summary.events += len(batch) - n_labels

@@ -1,7 +1,9 @@
-"""AES-256-GCM envelopes for the personal fields an alert carries.
+"""AES-256-GCM envelopes for the personal fields an alert carries (and dead letters' bytes).
 
 The associated data binds a ciphertext to its alert and transaction, so an envelope copied
-into another alert fails to decrypt instead of revealing the wrong person's data.
+into another alert fails to decrypt instead of revealing the wrong person's data. The
+cipher holds a keyring: the active key encrypts, every key it holds decrypts, so ciphertexts
+written before a rotation stay readable.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from app.schemas import PiiEnvelope
+from app.security.keyring import Keyring
 
 
 class DecryptionError(ValueError):
@@ -25,8 +28,13 @@ def associated_data(alert_id: str, transaction_id: str) -> bytes:
     return f"fraudscore/alert/v1\x00{alert_id}\x00{transaction_id}".encode()
 
 
+def dead_letter_associated_data(topic: str, partition: int, offset: int) -> bytes:
+    """Binds a dead letter's sealed original to the input position it came from."""
+    return f"fraudscore/dlq/v1\x00{topic}\x00{partition}\x00{offset}".encode()
+
+
 class FieldCipher:
-    """Encrypts with one key id; decrypts with any key it holds (rotation comes later)."""
+    """Encrypts with the active key id; decrypts with any key it holds."""
 
     def __init__(self, keys: dict[str, bytes], active_kid: str) -> None:
         if active_kid not in keys:
@@ -37,9 +45,20 @@ class FieldCipher:
         self._aead = {kid: AESGCM(key) for kid, key in keys.items()}
         self._active = active_kid
 
-    def encrypt(self, fields: dict[str, Any], aad: bytes) -> PiiEnvelope:
+    @classmethod
+    def from_keyring(cls, ring: Keyring) -> FieldCipher:
+        return cls(ring.keys, ring.active)
+
+    @property
+    def active_kid(self) -> str:
+        return self._active
+
+    @property
+    def key_ids(self) -> list[str]:
+        return sorted(self._aead)
+
+    def encrypt_bytes(self, plaintext: bytes, aad: bytes) -> PiiEnvelope:
         nonce = os.urandom(12)
-        plaintext = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
         ciphertext = self._aead[self._active].encrypt(nonce, plaintext, aad)
         return PiiEnvelope(
             kid=self._active,
@@ -47,18 +66,27 @@ class FieldCipher:
             ciphertext=base64.b64encode(ciphertext).decode(),
         )
 
-    def decrypt(self, envelope: PiiEnvelope, aad: bytes) -> dict[str, Any]:
+    def encrypt(self, fields: dict[str, Any], aad: bytes) -> PiiEnvelope:
+        plaintext = json.dumps(fields, separators=(",", ":"), sort_keys=True).encode()
+        return self.encrypt_bytes(plaintext, aad)
+
+    def decrypt_bytes(self, envelope: PiiEnvelope, aad: bytes) -> bytes:
         aead = self._aead.get(envelope.kid)
         if aead is None:
-            raise DecryptionError(f"no key with id {envelope.kid!r} in the keyring")
+            held = ", ".join(self.key_ids) or "none"
+            raise DecryptionError(
+                f"no key with id {envelope.kid!r} in the keyring (held: {held}): wrong key "
+                "directory or key, or the key was removed after a rotation")
         try:
             nonce = base64.b64decode(envelope.nonce, validate=True)
             sealed = base64.b64decode(envelope.ciphertext, validate=True)
-            plaintext = aead.decrypt(nonce, sealed, aad)
+            return aead.decrypt(nonce, sealed, aad)
         except (InvalidTag, ValueError):
             raise DecryptionError(
-                "authentication failed: wrong key, tampered ciphertext, or an envelope "
-                "that belongs to another alert"
+                f"authentication failed with key {envelope.kid!r}: wrong key, tampered "
+                "ciphertext, or an envelope that belongs to another alert"
             ) from None
-        result: dict[str, Any] = json.loads(plaintext)
+
+    def decrypt(self, envelope: PiiEnvelope, aad: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.decrypt_bytes(envelope, aad))
         return result

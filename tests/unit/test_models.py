@@ -105,10 +105,10 @@ def test_registry_refuses_tampered_missing_and_foreign_models(ref: ModelRef) -> 
     shutil.copytree(ref.path, tampered)
     with (tampered / "tree.onnx").open("ab") as f:
         f.write(b"\0")
-    with pytest.raises(ModelCorrupt, match="tree.onnx does not match its checksum"):
+    with pytest.raises(ModelCorrupt, match=r"tree\.onnx does not match its checksum"):
         resolve(tampered)
     (tampered / "tree.onnx").unlink()
-    with pytest.raises(ModelCorrupt, match="tree.onnx is missing"):
+    with pytest.raises(ModelCorrupt, match=r"tree\.onnx is missing"):
         resolve(tampered)
 
     foreign = ref.path.parent / "foreign"
@@ -127,7 +127,7 @@ def test_corrupt_onnx_is_refused_at_load(ref: ModelRef, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(ref.path, broken)
     (broken / "tree.onnx").write_bytes(b"garbage")
-    with pytest.raises(ModelCorrupt, match="tree.onnx"):
+    with pytest.raises(ModelCorrupt, match=r"tree\.onnx"):
         ModelRuntime(resolve(broken, verify=False), device="cpu", tree_backend="onnx")
 
 
