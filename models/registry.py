@@ -125,8 +125,9 @@ def save(
     try:
         from models.compiled import compile_booster
 
-        compiled = compile_booster(booster_text, tmp / COMPILED, timeout_s=compile_timeout_s,
-                                   backend=compile_backend)
+        if compile_timeout_s > 0:  # 0: do not compile (ONNX Runtime serves the trees)
+            compiled = compile_booster(booster_text, tmp / COMPILED, timeout_s=compile_timeout_s,
+                                       backend=compile_backend)
     except ImportError:
         log.warning("tree compiler not available: scoring will use ONNX Runtime")
     if compiled is None:
