@@ -292,6 +292,30 @@ class RedisFeatureStore:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
         self._cards.clear()
 
+    def exchange_progress(self, topic: str, mine: dict[int, tuple[int, bool]],
+                          fresh_s: float = 60.0) -> dict[int, tuple[int, bool]]:
+        """Publish this worker's partitions' (latest event time µs, data left) and return
+        every worker's, in one round trip: the engine aligns partitions across workers.
+        Entries nobody refreshed for `fresh_s` (a partition whose owner died and has not
+        been reassigned yet, or that no longer exists) stop holding the others back."""
+        key = self._k("progress", topic)
+        now_ms = int(time.time() * 1000)
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            if mine:
+                pipe.hset(key, mapping={str(p): f"{t}:{int(left)}:{now_ms}"
+                                        for p, (t, left) in mine.items()})
+            pipe.hgetall(key)
+            everyone = pipe.execute()[-1]
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"partition progress: {exc}") from exc
+        out: dict[int, tuple[int, bool]] = {}
+        for p, v in everyone.items():
+            t, left, at = v.decode().split(":")
+            if now_ms - int(at) <= fresh_s * 1000:
+                out[int(p)] = (int(t), left == "1")
+        return out
+
     def ping(self) -> None:
         """Raise :class:`FeatureStoreUnavailable` unless Redis answers (readiness checks)."""
         try:

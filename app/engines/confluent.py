@@ -117,7 +117,7 @@ class ConfluentEngine:
         # are scored, and their offsets commit in the same transaction.
         self._consumer.subscribe(
             [self.settings.topic_transactions, self.settings.topic_labels],
-            on_assign=self._on_rebalance, on_revoke=self._on_rebalance,
+            on_assign=self._on_assign, on_revoke=self._on_rebalance,
         )
         timeout = self.settings.batch_timeout_ms / 1000.0
         try:
@@ -131,7 +131,7 @@ class ConfluentEngine:
                         self._align(result)
                 else:
                     if self._held:
-                        self._align(None)  # the slow partitions may have run dry
+                        self._align(None)  # the slow partitions may have caught up
                     if time.monotonic() - self._last_activity > IDLE_PING_S:
                         self._idle_check()
         finally:
@@ -140,6 +140,13 @@ class ConfluentEngine:
             self._consumer.close()
             self._producer.flush(10)
         return self.stats
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """librdkafka keeps a partition's pause flag across an eager rebalance: a partition
+        held for running ahead would stay paused with nobody left to resume it."""
+        self._on_rebalance(consumer, partitions)
+        if partitions:
+            consumer.resume(partitions)
 
     def _on_rebalance(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Cards may have moved to or from another worker: drop the cached card state."""
@@ -162,11 +169,12 @@ class ConfluentEngine:
         return records
 
     def _align(self, result: BatchResult | None) -> None:
-        """Keep this worker's transaction partitions within `max_partition_skew_s` of each
-        other in event time: pause those that run ahead of the slowest one that still has
-        data, resume them when it catches up. Terminal windows end 7 days before the event,
-        so with a bounded skew every partition's events are counted before any window needs
-        them, and catching up after an outage or a crash scores exactly like a live run."""
+        """Keep the group's transaction partitions within `max_partition_skew_s` of each
+        other in event time: pause this worker's partitions that run ahead of the slowest
+        partition with data left (on any worker; progress is shared through Redis), resume
+        them when it catches up. Terminal windows end 7 days before the event, so with a
+        bounded skew every event is counted before any window needs it, and catching up
+        after an outage, a crash or a rebalance scores exactly like a live run."""
         if self._skew_us <= 0:
             return
         done = [] if result is None else zip(result.sources, result.event_us.tolist(),
@@ -177,27 +185,44 @@ class ConfluentEngine:
                 self._event_us[key] = t
         topic = self.settings.topic_transactions
         mine = [tp for tp in self._consumer.assignment() if tp.topic == topic]
-        if len(mine) < 2:
+        if not mine:
             return
-        positions = {(tp.topic, tp.partition): tp.offset for tp in self._consumer.position(mine)}
-        behind = []
+        positions = {tp.partition: tp.offset for tp in self._consumer.position(mine)}
+        report: dict[int, tuple[int, bool]] = {}
+        unread: list[int] = []  # mine, with data, not read yet in this assignment
         for tp in mine:
-            key = (tp.topic, tp.partition)
-            if key in self._held:
-                continue
+            t = self._event_us.get((topic, tp.partition))
             _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            pos = positions.get(key, -1)
-            if high < 0 or pos < 0 or pos < high:  # unknown, or data left to read
-                behind.append(self._event_us.get(key, _UNKNOWN))
+            pos = positions.get(tp.partition, -1)
+            left = (topic, tp.partition) in self._held or high < 0 or pos < 0 or pos < high
+            if t is not None:
+                report[tp.partition] = (t, left)
+            elif left:
+                unread.append(tp.partition)
+            else:  # nothing to read: it must not hold anyone back
+                report[tp.partition] = (0, False)
+        try:
+            everyone = self.scorer.store.exchange_progress(topic, report)
+        except FeatureStoreUnavailable as exc:
+            log.debug("partition progress not shared: %s", exc)
+            everyone = report
+        times = {p: t for p, (t, _) in everyone.items()}
+        # a partition of mine with data but not read yet, unknown to the group, is the slowest
+        slow = [t for _, (t, left) in everyone.items() if left]
+        slow += [_UNKNOWN for p in unread if p not in times]
         ahead: set[tuple[str, int]] = set()
-        if behind:  # a partition not read yet counts as the slowest: read it first
-            limit = min(behind) + self._skew_us
-            ahead = {k for k, t in self._event_us.items() if k[0] == topic and t > limit}
+        if slow:
+            limit = min(slow) + self._skew_us
+            ahead = {(topic, tp.partition) for tp in mine
+                     if times.get(tp.partition, _UNKNOWN) > limit}
         pause = [TopicPartition(t, p) for t, p in ahead - self._held]
         resume = [TopicPartition(t, p) for t, p in self._held - ahead]
+        if pause or resume:
+            log.debug("alignment: slowest %s, mine %s, holding %s", min(slow) if slow else None,
+                      {tp.partition: times.get(tp.partition) for tp in mine},
+                      sorted(p for _, p in ahead))
         if pause:
             self._consumer.pause(pause)
-            log.debug("holding %d partitions that run ahead in event time", len(pause))
         if resume:
             self._consumer.resume(resume)
         self._held = ahead

@@ -74,6 +74,7 @@ class Service:
             "FRAUDSCORE_GROUP_ID": unique("scorer"),
             "FRAUDSCORE_MODEL_DIR": str(model.path),
             "FRAUDSCORE_METRICS_PORT": "0",
+            "FRAUDSCORE_LOG_LEVEL": os.environ.get("FRAUDSCORE_TEST_LOG_LEVEL", "INFO"),
             **{f"FRAUDSCORE_TOPIC_{k.upper()}": v for k, v in self.topics.items()},
         }
         self.tmp = tmp
