@@ -22,6 +22,7 @@ console = Console(stderr=True)
 
 class Engine(StrEnum):
     confluent = "confluent"
+    faust = "faust"
     file = "file"
 
 
@@ -321,6 +322,9 @@ def run(
     from app.engines.confluent import ensure_topics, serve
     from app.engines.workers import supervise
 
+    if engine is Engine.faust:
+        from app.engines.faust_engine import serve  # type: ignore[assignment]
+
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -386,6 +390,49 @@ def bench_model(
     console.print(f"parity (max |diff|): {result['parity_max_abs_diff']}")
 
 
+@bench.command("e2e")
+def bench_e2e(
+    events: Annotated[int, typer.Option(min=1000, help="events per throughput run")] = 500_000,
+    rate: Annotated[float, typer.Option(help="offered events/s for the latency runs")] = 5000.0,
+    latency_seconds: Annotated[float, typer.Option(help="measured latency window")] = 20.0,
+    warmup_seconds: Annotated[float, typer.Option(help="offered, not measured")] = 5.0,
+    max_seconds: Annotated[float, typer.Option(
+        help="measure a variant too slow to drain --events over this long")] = 120.0,
+    partitions: Annotated[int, typer.Option(min=1)] = 4,
+    audit_scope: Annotated[str, typer.Option(help="FRAUDSCORE_AUDIT_SCOPE of the engines")]
+    = "alerts",
+    variants: Annotated[str, typer.Option(help="comma-separated")]
+    = "confluent_1w,confluent_2w,faust,naive",
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", help="FRAUDSCORE_NAME=VALUE for every variant's workers (repeatable)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Engines end to end on Kafka + Redis, side by side: events/s and p50/p99 latency."""
+    import json
+
+    from app.bench_e2e import E2EConfig, run
+
+    settings = _settings()
+    overrides = [item.partition("=") for item in env or []]
+    if any(not sep or not name.startswith("FRAUDSCORE_") for name, sep, _ in overrides):
+        raise _fail("--env takes FRAUDSCORE_NAME=VALUE", 2)
+    cfg = E2EConfig(events=events, rate=rate, latency_s=latency_seconds,
+                    warmup_s=warmup_seconds, partitions=partitions, max_seconds=max_seconds,
+                    audit_scope=audit_scope,
+                    variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+                    engine_env=tuple((name, value) for name, _, value in overrides))
+    try:
+        result = run(settings.kafka_bootstrap_servers, settings.redis_url, cfg,
+                     progress=lambda line: console.print(line, markup=False, highlight=False))
+    except ValueError as exc:
+        raise _fail(str(exc), 2) from None
+    if json_output:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            console.print(f"{k}: {v}")
+
+
 @app.command()
 def schemas(check: Annotated[bool, typer.Option(help="fail if files differ")] = False) -> None:
     """Write (or check) the JSON Schema files generated from the topic models."""
@@ -425,14 +472,39 @@ def replay(
         help="transactions topic (default: FRAUDSCORE_TOPIC_TRANSACTIONS)")] = None,
     alert_budget: Annotated[int, typer.Option(help="alerts analysts handle per day")] = 100,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    reason: Annotated[str, typer.Option(help="why: recorded in the audit trail")] = "replay",
+    analyst: Annotated[str | None, typer.Option(
+        help="who you are, if not your OS user (both are recorded)")] = None,
+    audit_file: Annotated[Path | None, typer.Option(
+        help="write the audit record to this file instead of the audit topic")] = None,
 ) -> None:
     """Re-score a past range with model A (and B): scores, changed decisions with reasons,
-    metrics, drift and an offline HTML report, without touching live state."""
+    metrics, drift and an offline HTML report, without touching live state. The access is
+    audited (who, why, which range and models, outcome) unless FRAUDSCORE_AUDIT_SCOPE=off."""
+    import getpass
     import time
 
     from app.replay import ModelSpec, ReplayError, ReplayRequest, parse_time, run_replay
 
     settings = _settings()
+
+    def audit(outcome: str, why: str) -> None:
+        if settings.audit_scope == "off":
+            return
+        from app.audit_kafka import record_access
+
+        user = getpass.getuser()
+        try:
+            record_access(settings, os_user=user, actor=analyst or user, action="replay",
+                          outcome=outcome, object_type="time_range",
+                          object_id=f"{start}..{end} {source}", reason=why,
+                          audit_file=audit_file or settings.audit_file,
+                          model_version=" vs ".join(
+                              f"{m}@{v or 'latest'}" for m, v in
+                              ((model, model_version), (compare, compare_version)) if m))
+        except Exception as exc:  # an unaudited access is a failed one
+            raise _fail(f"the replay could not be audited: {exc}", 2) from None
+
     if compare is None and compare_version is not None:
         compare = model
     began = time.perf_counter()
@@ -445,7 +517,9 @@ def replay(
             alert_budget=alert_budget)
         summary = run_replay(request, settings, progress=progress, console=console)
     except ReplayError as exc:
+        audit("failure", f"{reason} [failed: {exc}]")
         raise _fail(str(exc), 2) from None
+    audit("success", reason)
     stdout = Console()
     stdout.print(f"replayed {summary['events']:,} events in {time.perf_counter() - began:.1f} s"
                  f" ({summary['history_events']:,} earlier events for features) → {out}")

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -31,6 +32,8 @@ runner = CliRunner()
 START = datetime(2026, 1, 1, tzinfo=UTC)
 RANGE = ("2026-02-02", "2026-02-08")  # the last week of the simulated 40 days
 TOKEN_KEY = base64.b64encode(b"k" * 32).decode()
+AUDIT_KEY = base64.b64encode(b"a" * 32).decode()
+AUDIT_FILE = Path(tempfile.mkdtemp(prefix="fraudscore-replay-audit-")) / "audit.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,8 @@ def models(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, ob
 
 def _replay(args: list[str], env: dict[str, str] | None = None):
     return runner.invoke(app, ["replay", "--no-progress", *args],
-                         env={"FRAUDSCORE_TOKEN_KEY": TOKEN_KEY, **(env or {})})
+                         env={"FRAUDSCORE_TOKEN_KEY": TOKEN_KEY, "FRAUDSCORE_AUDIT_KEY": AUDIT_KEY,
+                              "FRAUDSCORE_AUDIT_FILE": str(AUDIT_FILE), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,15 @@ def test_replay_outputs_hold_no_card_number_or_customer_id(replayed: Path, data:
     assert len(masked) and masked.str.match(r"^\*+\d{4}$").all()
     ids = [f'"{c}"'.encode() for c in tx["customer_id"].unique()]
     assert not [c for c in ids if c in blob]
+
+
+def test_every_replay_is_audited_in_a_verifiable_chain(replayed: Path) -> None:
+    records = [json.loads(line) for line in AUDIT_FILE.read_text().splitlines()]
+    mine = [r for r in records if r["action"] == "replay" and r["outcome"] == "success"]
+    assert mine and mine[0]["object_id"].startswith(RANGE[0]) and mine[0]["actor"]
+    result = runner.invoke(app, ["audit", "verify", "--file", str(AUDIT_FILE)],
+                           env={"FRAUDSCORE_AUDIT_KEY": AUDIT_KEY})
+    assert result.exit_code == 0, result.output
 
 
 def test_drift_uses_the_training_deciles_and_scores_psi(replayed: Path) -> None:
