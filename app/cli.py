@@ -489,6 +489,7 @@ def replay(
     settings = _settings()
 
     def audit(outcome: str, why: str) -> None:
+        """Record the access; a failed replay's own error stays the message shown."""
         if settings.audit_scope == "off":
             return
         from app.audit_kafka import record_access
@@ -517,7 +518,10 @@ def replay(
             alert_budget=alert_budget)
         summary = run_replay(request, settings, progress=progress, console=console)
     except ReplayError as exc:
-        audit("failure", f"{reason} [failed: {exc}]")
+        try:
+            audit("failure", f"{reason} [failed: {exc}]")
+        except typer.Exit:
+            console.print("[yellow]warning: this failed replay could not be audited[/yellow]")
         raise _fail(str(exc), 2) from None
     audit("success", reason)
     stdout = Console()

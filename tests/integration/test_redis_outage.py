@@ -45,12 +45,19 @@ def test_redis_outage_pauses_and_loses_nothing(
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app", "run"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+        paused: list[bool] = []
+
+        def pause_then_wait(s: dict) -> bool:
+            """Freeze Redis the moment 300 scores are out (mid-stream), then wait for all."""
+            if not paused and len(s[names["scores"]]) >= 300:
+                redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", 10_000,
+                                                                "ALL")
+                paused.append(True)
+            return len(s[names["scores"]]) >= N
+
         try:
-            consume_all(kafka_bootstrap, [names["scores"]],
-                        until=lambda s: len(s[names["scores"]]) >= 300, timeout_s=120)
-            redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", 10_000, "ALL")
-            seen = consume_all(kafka_bootstrap, [names["scores"]],
-                               until=lambda s: len(s[names["scores"]]) >= N, timeout_s=180)
+            seen = consume_all(kafka_bootstrap, [names["scores"]], until=pause_then_wait,
+                               timeout_s=240)
         finally:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=60)
