@@ -203,8 +203,9 @@ class ConfluentEngine:
                 report[tp.partition] = (0, False)
         try:
             everyone = self.scorer.store.exchange_progress(topic, report)
-        except FeatureStoreUnavailable as exc:
-            log.debug("partition progress not shared: %s", exc)
+        except FeatureStoreUnavailable as exc:  # the next batch retries with backoff
+            log.warning("feature store unavailable (sharing partition progress): %s", exc)
+            self._set_ready(False, f"redis unavailable: {exc}")
             everyone = report
         times = {p: t for p, (t, _) in everyone.items()}
         # a partition of mine with data but not read yet, unknown to the group, is the slowest

@@ -38,9 +38,9 @@ def test_redis_outage_pauses_and_loses_nothing(
            "FRAUDSCORE_GROUP_ID": unique("scorer"), "FRAUDSCORE_MODEL_DIR": str(model.path),
            "FRAUDSCORE_BATCH_SIZE": "100",
            **{f"FRAUDSCORE_TOPIC_{k.upper()}": v for k, v in names.items()}}
-    produce(kafka_bootstrap, names["transactions"],
-            [(c.encode(), v) for c, v in zip(tx["customer_id"], transactions_to_json(tx),
-                                              strict=True)])
+    items = [(c.encode(), v) for c, v in zip(tx["customer_id"], transactions_to_json(tx),
+                                             strict=True)]
+    produce(kafka_bootstrap, names["transactions"], items[:1000])  # the rest after the outage
     log_path = tmp_path / "scorer.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "app", "run"], env=env, stdout=log,
@@ -53,6 +53,7 @@ def test_redis_outage_pauses_and_loses_nothing(
                 redis.Redis.from_url(redis_url).execute_command("CLIENT", "PAUSE", 10_000,
                                                                 "ALL")
                 paused.append(True)
+                produce(kafka_bootstrap, names["transactions"], items[1000:])
             return len(s[names["scores"]]) >= N
 
         try:
