@@ -24,19 +24,19 @@ import os
 # several-fold otherwise); this has to be set before LightGBM loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from datetime import UTC, datetime, timedelta  # noqa: E402
+import argparse
+import json
+import time
+from datetime import UTC, datetime, timedelta
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from app.sources import HANDBOOK_PATH, read_transactions  # noqa: E402
-from features.definitions import FEATURE_NAMES  # noqa: E402
-from features.offline import compute_features  # noqa: E402
-from models.evaluate import detection_metrics, handbook_test_rows, utc_days  # noqa: E402
-from models.train import (  # noqa: E402
+from app.sources import HANDBOOK_PATH, read_transactions
+from features.definitions import FEATURE_NAMES
+from features.offline import compute_features
+from models.evaluate import detection_metrics, handbook_test_rows, utc_days
+from models.train import (
     Fold,
     TrainConfig,
     honest_rows,
@@ -129,8 +129,8 @@ def fraudscore_protocol(data: Data, cfg: TrainConfig) -> list[dict]:
     weeks = []
     for start in TEST_TRAIN_STARTS:
         test_start = start + timedelta(days=TRAIN_DAYS + DELAY_DAYS)
-        rows = honest_rows(data.ts, pd.Timestamp(test_start), DELAY_DAYS)
-        rows &= (data.ts >= HISTORY_START).to_numpy()
+        rows = honest_rows(data.ts, pd.Timestamp(test_start), DELAY_DAYS) \
+            & (data.ts >= HISTORY_START).to_numpy()
         t = time.perf_counter()
         model = train_lightgbm(data.features[rows], data.y[rows], data.ts[rows], cfg,
                                cards=data.card[rows])
