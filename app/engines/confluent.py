@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -288,22 +287,12 @@ class ConfluentEngine:
         self._backoff = BACKOFF_START_S
         metrics.TRANSACTIONS.labels("commit").inc()
         n_labels = sum(1 for r in records if r.topic == self.settings.topic_labels)
-        metrics.EVENTS.labels("label").inc(n_labels)
-        metrics.EVENTS.labels("dead_letter").inc(len(result.dead))
-        metrics.EVENTS.labels("alerted").inc(result.n_alerts)
-        metrics.EVENTS.labels("scored").inc(len(result.scores) - result.n_alerts)
-        metrics.observe_scores(result.scores)
+        metrics.observe_batch(result, n_labels)
         if result.fail_open:
             self.stats.fail_open += len(result.scores)
-            metrics.FAIL_OPEN.inc(len(result.scores))
             self._set_ready(False, "redis unavailable: scoring fail-open")
         else:
             self._set_ready(True, "ok")
-        if len(result.event_us):
-            lag_s = time.time() - result.event_us / 1e6
-            # one observation per event would be a Python loop; the batch's spread is small
-            for q in np.quantile(lag_s, (0.0, 0.5, 1.0)):
-                metrics.END_TO_END_SECONDS.observe(max(float(q), 0.0))
 
     def _restart_producer(self) -> None:
         with contextlib.suppress(KafkaException):

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import faust
-import numpy as np
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.types import EventT, StreamT
@@ -252,21 +251,12 @@ class FaustEngine:
         self.stats.dead += len(result.dead)
         self._backoff = BACKOFF_START_S
         n_labels = sum(1 for r in records if r.topic == self.settings.topic_labels)
-        metrics.EVENTS.labels("label").inc(n_labels)
-        metrics.EVENTS.labels("dead_letter").inc(len(result.dead))
-        metrics.EVENTS.labels("alerted").inc(result.n_alerts)
-        metrics.EVENTS.labels("scored").inc(len(result.scores) - result.n_alerts)
-        metrics.observe_scores(result.scores)
+        metrics.observe_batch(result, n_labels)
         if result.fail_open:
             self.stats.fail_open += len(result.scores)
-            metrics.FAIL_OPEN.inc(len(result.scores))
             self._set_ready(False, "redis unavailable: scoring fail-open")
         else:
             self._set_ready(True, "ok")
-        if len(result.event_us):
-            lag_s = time.time() - result.event_us / 1e6
-            for q in np.quantile(lag_s, (0.0, 0.5, 1.0)):
-                metrics.END_TO_END_SECONDS.observe(max(float(q), 0.0))
 
     async def _idle_check(self) -> None:
         self._last_activity = time.monotonic()
