@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import argparse
 import json
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -121,6 +122,7 @@ def handbook_protocol(data: Data, cfg: TrainConfig) -> tuple[dict, list[dict], d
                                selection=selection)
         weeks.append({"test_start": str((start + timedelta(days=14)).date()),
                       **data.measure(model.booster, data.x15, data.test_rows(start))})
+        progress(f"(b) week {weeks[-1]}")
     return weeks[0], weeks, chosen
 
 
@@ -142,7 +144,12 @@ def fraudscore_protocol(data: Data, cfg: TrainConfig) -> list[dict]:
                                  ("learning_rate", "num_leaves", "min_child_samples",
                                   "lambda_l2", "scale_pos_weight")},
                       "rounds": int(model.metrics["best_iteration"])})
+        progress(f"(c) week {weeks[-1]}")
     return weeks
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def summary(weeks: list[dict]) -> dict[str, dict[str, float]]:
@@ -188,6 +195,7 @@ def main() -> None:
     only = set(parser.parse_args().only.split(","))
     t = time.perf_counter()
     data = Data()
+    progress(f"features: {time.perf_counter() - t:.0f} s")
     results: dict = {"feature_seconds": round(time.perf_counter() - t, 1)}
     cfg = TrainConfig()
     if only & {"a", "b"}:

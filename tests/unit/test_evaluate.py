@@ -211,3 +211,40 @@ def test_evaluate_prints_the_five_metrics(tmp_path: Path) -> None:
     assert set(out) == {"auc_roc", "average_precision", "card_precision_at_100",
                         "n_transactions", "n_frauds"}
     assert 0 <= out["auc_roc"] <= 1 and out["n_frauds"] > 0
+
+
+# --- the training protocol that the quality figures rest on ----------------------------------
+
+def test_validation_fit_rows_end_a_label_delay_before_validation() -> None:
+    from models.train import split_by_time
+
+    ts = pd.Series(pd.date_range("2018-04-01", periods=40 * 24, freq="h", tz="UTC"))
+    fit, valid = split_by_time(ts, valid_fraction=0.25, gap_days=7)
+    assert ts[valid].min() - ts[fit].max() >= pd.Timedelta(days=7)
+    assert not (fit & valid).any() and valid.sum() > 0 and fit.sum() > 0
+
+
+def test_honest_rows_keep_only_labels_known_at_the_cut() -> None:
+    from models.train import honest_rows
+
+    ts = pd.Series(pd.to_datetime(["2018-08-01 23:59", "2018-08-02 00:00"], utc=True))
+    assert honest_rows(ts, pd.Timestamp("2018-08-09", tz="UTC"), 7).tolist() == [True, False]
+
+
+def test_genuine_cap_keeps_frauds_and_shift_restores_the_odds() -> None:
+    import lightgbm as lgb
+
+    from models.train import cap_genuine, shift_log_odds
+
+    y = np.array([1] * 10 + [0] * 990)
+    keep, rate = cap_genuine(y, 99, seed=0)
+    assert keep[:10].all() and keep.sum() == 109 and rate == pytest.approx(0.1)
+    assert cap_genuine(y, 5000, seed=0)[1] == 1.0
+
+    rng = np.random.default_rng(0)
+    x = rng.random((300, 2))
+    booster = lgb.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                        lgb.Dataset(x, (x[:, 0] > 0.7).astype(int)), 3)
+    before = booster.predict(x, raw_score=True)
+    shift_log_odds(booster, np.log(0.1))
+    assert np.allclose(booster.predict(x, raw_score=True), before + np.log(0.1))
