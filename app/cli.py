@@ -249,11 +249,9 @@ def evaluate(
         raise _fail(f"--data {data}: no such file", 2)
     if labels is not None and not labels.exists():
         raise _fail(f"--labels {labels}: no such file", 2)
-    # The registry is being reworked: accept whichever error family this build raises.
-    model_errors = (FileNotFoundError, ValueError, getattr(registry, "ModelError", OSError))
     try:
         ref = registry.resolve(model)
-    except model_errors as exc:
+    except (registry.ModelError, OSError, ValueError) as exc:
         raise _fail(f"--model {model}: {exc}", 2) from None
     booster_file = ref.path / "booster.txt"
     if not booster_file.is_file():
@@ -274,8 +272,7 @@ def evaluate(
         print(json.dumps(result))
     else:
         for key, value in result.items():
-            console.print(f"{key}: {value:.4f}" if isinstance(value, float) else
-                          f"{key}: {value:,}")
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value:,}")
 
 
 @app.command()
