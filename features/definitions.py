@@ -92,10 +92,3 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in FEATURES)
 N_FEATURES = len(FEATURES)
 INDEX = {name: i for i, name in enumerate(FEATURE_NAMES)}
 DEFAULTS = np.array([f.default for f in FEATURES], dtype=np.float64)
-
-# One stored card event: what the card windows need, and nothing personal (device and
-# country as opaque equality keys, the terminal as a hash).
-CARD_EVENT = np.dtype([
-    ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
-    ("country", "<u4"),
-])

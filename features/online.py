@@ -1,39 +1,41 @@
-"""Online feature state in Redis: one read and one atomic write per batch.
+"""Online feature state: the owned cards in worker memory, Redis the durable shared copy.
 
-Keys (each carries a hash tag, so it maps to one Redis Cluster slot):
+Per micro-batch the store makes at most one read (one MULTI: new label-log entries, and only
+what is not cached yet) and one write (one atomic Lua call: card appends, one terminal
+chunk per event hour). Keys (each carries a hash tag, so it maps to one Cluster slot):
 
-- ``{ns}:card:{<token>}``: the card's recent events (``CARD_EVENT`` records, 28 bytes
-  each, at most 30 days plus the batch), appended each batch, rewritten when trimmed;
-- ``{ns}:cl:{<shard>}`` / ``{ns}:tl:{<shard>}``: labels so far per card / terminal, fields
-  ``<name>:n`` and ``<name>:f`` kept by ``HINCRBY`` in 16 shard hashes (one HMGET each);
-- ``{ns}:th:{<hour>}``: per hour, a list with one "terminal<TAB>count" chunk per batch
-  (one RPUSH per batch, summed by the reader), and ``{ns}:tf:{<hour>}``: terminal →
-  on-time frauds (HINCRBY per label), for the delayed terminal windows;
-- ``{ns}:seen:{<hour>}``: transaction id → the features it got (redelivery), and
-  ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery).
+- ``{ns}:card:{<token>}``: the card's recent events, ``CARD_RECORD`` each (76 bytes: the
+  window inputs, the transaction id's 64-bit hash, and the terminal and label counts the
+  event was scored with, so a redelivered event is recognised and gets its first features
+  back), appended each batch, rewritten when trimmed to 31 days;
+- ``{ns}:cl:{<shard>}`` / ``{ns}:tl:{<shard>}``: labels so far per card / terminal, one
+  field per name holding ``labels + frauds << 32`` (one HINCRBY per name and batch);
+- ``{ns}:th:{<hour>}``: per event hour a list with one "terminal<TAB>count" chunk per batch,
+  and ``{ns}:tf:{<hour>}``: terminal → on-time frauds, for the delayed terminal windows;
+- ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery);
+- ``{ns}:lablog:{log}`` / ``{ns}:labseq:{log}``: a capped stream with one entry per applied
+  label batch (sequence-numbered), which every worker tails to keep its cached label counts
+  and terminal buckets exact whichever worker applied the labels.
 
-The worker keeps the cards it owns in memory (Redis stays the durable copy, written every
-batch); after a rebalance the engine calls :meth:`RedisFeatureStore.invalidate`. Terminal
-hour buckets older than the 7-day delay are settled, so they are cached and re-read only
-every ``terminal_refresh_s``.
+After a rebalance the engine calls :meth:`RedisFeatureStore.invalidate` (the card cache is
+dropped; label caches are global and stay valid through the log). A worker that misses log
+entries (a gap in the sequence) drops its label caches and reloads what it needs.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import redis
 
 from features.definitions import (
-    CARD_EVENT,
     CARD_LOOKBACK_US,
     DAY_US,
-    FEATURE_NAMES,
     HOUR_US,
     INDEX,
     N_FEATURES,
@@ -51,45 +53,83 @@ from features.windows import (
     transaction_features,
 )
 
-_FEATURE_BYTES = N_FEATURES * 8
+# One stored card event: the card windows' inputs (nothing personal: terminal, device and
+# country as opaque equality keys), the transaction id's hash (redelivery), and the counts
+# it was scored with: terminal windows (counts 1/7/30 d, frauds 1/7/30 d), then labels so
+# far (card labels, card frauds, terminal labels, terminal frauds).
+CARD_RECORD = np.dtype([
+    ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
+    ("country", "<u4"), ("tx", "<u8"), ("inputs", "<u4", (10,)),
+])
+_N_WIN = len(TERMINAL_WINDOWS_DAYS)
+_CARD_LAB, _TERM_LAB = 2 * _N_WIN, 2 * _N_WIN + 2
 _LONGEST_TERMINAL_HOURS = 24 * max(TERMINAL_WINDOWS_DAYS)
-# One batch's writes, atomically. KEYS: the card keys, then per event hour its terminal
-# bucket (a list of "terminal\tcount" chunks, one per batch) and its snapshot hash. ARGV:
-# n_cards, card TTL (ms), bucket TTL (s), snapshot TTL (s), n_hours; per card a mode ('s'
-# rewrite / 'a' append) and bytes; per hour the chunk, the count of snapshots, (id, bytes)*.
+# Redelivered events up to this much older than their card's newest event get exactly
+# their first features back (the card keeps that much history beyond the lookback).
+REDELIVERY_US = DAY_US
+_KEEP_US = CARD_LOOKBACK_US + REDELIVERY_US
+TRIM_SLACK_US = 7 * DAY_US  # records older than kept linger up to this long (memory vs CPU)
+# refreshed by every write: an idle card expires whole
+_CARD_TTL_MS = (_KEEP_US + TRIM_SLACK_US) // 1000
+_BUCKET_TTL_S = (TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 48) * 3600
+_SHARDS = 16  # label counters live in 16 hashes per kind
+_LOG_MAXLEN = 4096  # label-log entries kept (one per applied label batch)
+_LOG_READ = 1024  # entries read per batch; more means "too far behind": reload instead
+_LOW32 = (1 << 32) - 1
+
+# One batch's writes, atomically. KEYS: the card keys, then one terminal bucket per event
+# hour. ARGV: n_cards, card TTL (ms), bucket TTL (s), per card "<cut>:<records>" (drop the
+# first `cut` bytes, which aged out, then append; -1: replace), per hour its
+# "terminal\tcount" chunk. Trimming happens here, so only new records cross the network.
 _WRITE_BATCH = """
 local n = tonumber(ARGV[1])
-local a = 6
 for i = 1, n do
-  if ARGV[a] == 's' then
-    redis.call('SET', KEYS[i], ARGV[a + 1], 'PX', ARGV[2])
+  local v = ARGV[i + 3]
+  local sep = string.find(v, ':', 1, true)
+  local cut = tonumber(string.sub(v, 1, sep - 1))
+  local add = string.sub(v, sep + 1)
+  if cut == 0 then
+    redis.call('APPEND', KEYS[i], add)
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  elseif cut > 0 then
+    redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], cut, -1) .. add, 'PX', ARGV[2])
   else
-    redis.call('APPEND', KEYS[i], ARGV[a + 1])
+    redis.call('SET', KEYS[i], add, 'PX', ARGV[2])
   end
-  a = a + 2
 end
-local k = n + 1
-for h = 1, tonumber(ARGV[5]) do
-  local bucket, seen = KEYS[k], KEYS[k + 1]
-  k = k + 2
-  redis.call('RPUSH', bucket, ARGV[a])
-  redis.call('EXPIRE', bucket, ARGV[3])
-  local ns = tonumber(ARGV[a + 1])
-  a = a + 2
-  if ns > 0 then
-    redis.call('HSET', seen, unpack(ARGV, a, a + 2 * ns - 1))
-    a = a + 2 * ns
-  end
-  redis.call('EXPIRE', seen, ARGV[4])
+for k = n + 1, #KEYS do
+  redis.call('RPUSH', KEYS[k], ARGV[k + 3])
+  redis.call('EXPIRE', KEYS[k], ARGV[3])
 end
 return n
 """
-_CARD_TTL_MS = (CARD_LOOKBACK_US + 2 * DAY_US) // 1000  # > lookback + the rewrite interval
-_SHARDS = 16  # label counters live in 16 hashes per kind: one HMGET each per batch
+# Append one label batch to the log with the next sequence number. KEYS: log, sequence.
+_LOG_LABELS = """
+local seq = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, 'c', ARGV[2],
+           't', ARGV[3], 'f', ARGV[4], 'h', ARGV[5])
+return seq
+"""
 
 
 class FeatureStoreUnavailable(RuntimeError):
     """Redis could not be reached or answered with an error; nothing was applied."""
+
+
+class InvalidEvent(ValueError):
+    """An event that must not reach the state; the message names the row and the reason."""
+
+
+class StaleEvents(InvalidEvent):
+    """Events older than their card's kept history (more than 31 days before its newest
+    event): whether they were applied before cannot be known, so none of the batch was
+    applied; the caller dead-letters `rows` and sends the rest again."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        self.reason = (f"event time more than {_KEEP_US // DAY_US} days before its card's "
+                       "newest event: too late to apply exactly once")
+        super().__init__(f"row {int(rows[0])}: {self.reason} ({len(rows)} such rows)")
 
 
 @dataclass(frozen=True)
@@ -119,27 +159,85 @@ class LabelBatch:
     is_fraud: np.ndarray  # bool
 
 
+def transaction_hashes(ids: Sequence[str]) -> np.ndarray:
+    """64-bit keys of transaction ids (SipHash-2-4 with pandas' fixed key: stable)."""
+    return pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False)
+
+
+class _Counters:
+    """Cached (labels, frauds) per name; Redis holds the truth, the label log the changes."""
+
+    def __init__(self, limit: int = 2_000_000) -> None:
+        self.limit = limit
+        self.clear()
+
+    def clear(self) -> None:
+        self.slot: dict[str, int] = {}
+        self.n = np.zeros(1024, dtype=np.int64)
+        self.f = np.zeros(1024, dtype=np.int64)
+
+    def missing(self, names: Sequence[str]) -> list[str]:
+        slot = self.slot
+        return [x for x in names if x not in slot]
+
+    def put(self, names: Sequence[str], packed: Sequence[bytes | None]) -> None:
+        if len(self.slot) + len(names) > self.limit:
+            self.clear()  # reloaded on demand, a batch at a time
+        start = len(self.slot)
+        if start + len(names) > len(self.n):
+            size = max(2 * len(self.n), start + len(names))
+            self.n = np.resize(self.n, size)
+            self.f = np.resize(self.f, size)
+        v = np.fromiter((int(p) if p is not None else 0 for p in packed), dtype=np.int64,
+                        count=len(packed))
+        self.n[start:start + len(names)] = v & _LOW32
+        self.f[start:start + len(names)] = v >> 32
+        self.slot.update(zip(names, range(start, start + len(names)), strict=True))
+
+    def get(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        slot = self.slot
+        idx = np.fromiter((slot[x] for x in names), dtype=np.int64, count=len(names))
+        return self.n[idx], self.f[idx]
+
+    def add(self, names: Sequence[str], fraud: np.ndarray) -> None:
+        """One label per name (fraud or not), for cached names only."""
+        get = self.slot.get
+        idx = np.fromiter((get(x, -1) for x in names), dtype=np.int64, count=len(names))
+        known = idx >= 0
+        np.add.at(self.n, idx[known], 1)
+        np.add.at(self.f, idx[known], fraud[known].astype(np.int64))
+
+
 class _TerminalWindows:
     """Worker-local hour buckets of every terminal and the window sums built from them."""
 
     def __init__(self, refresh_s: float) -> None:
         self.refresh_s = refresh_s
         self.index: dict[str, int] = {}
+        self.names: list[str] = []
         self.buckets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.sums: dict[int, tuple[float, dict[int, np.ndarray], dict[int, np.ndarray]]] = {}
 
     def idx(self, terminals: Sequence[str]) -> np.ndarray:
-        get = self.index.setdefault
-        return np.fromiter((get(t, len(self.index)) for t in terminals), dtype=np.int64,
-                           count=len(terminals))
+        index = self.index
+        new = [t for t in dict.fromkeys(terminals) if t not in index]
+        if new:
+            index.update(zip(new, range(len(self.names), len(self.names) + len(new)),
+                             strict=True))
+            self.names.extend(new)
+        return np.fromiter((index[t] for t in terminals), dtype=np.int64, count=len(terminals))
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.sums.clear()
 
     def hours_to_load(self, hours: np.ndarray) -> list[int]:
         """Buckets that the windows of these event hours need and that are not cached."""
         now = time.monotonic()
         for h in list(self.sums):
             if now - self.sums[h][0] > self.refresh_s:
-                del self.sums[h]
-                self.buckets.clear()  # stale: other workers may have added labels
+                self.clear()  # refresh: other workers' counts of late partitions
+                break
         needed: set[int] = set()
         unique_hours = np.unique(hours).tolist()
         for h in unique_hours:
@@ -158,6 +256,8 @@ class _TerminalWindows:
             for line in chunk.decode().splitlines():
                 name, _, c = line.rpartition("\t")
                 counts[name] = counts.get(name, 0) + int(c)
+        for k in frauds:
+            counts.setdefault(k.decode(), 0)
         names = list(counts)
         idx = self.idx(names)
         c = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
@@ -165,50 +265,37 @@ class _TerminalWindows:
         if frauds:
             pos = {name: i for i, name in enumerate(names)}
             for k, v in frauds.items():
-                name = k.decode()
-                if name not in pos:  # a label for a transaction counted elsewhere
-                    pos[name] = len(names)
-                    names.append(name)
-                    idx = np.append(idx, self.idx([name]))
-                    c = np.append(c, 0)
-                    f = np.append(f, 0)
-                f[pos[name]] = int(v)
+                f[pos[k.decode()]] = int(v)
         self.buckets[hour] = (idx, c, f)
 
-    def add_counts(self, hour: int, names: list[str], counts: list[int]) -> None:
+    def add_counts(self, hour: int, idx: np.ndarray, counts: np.ndarray) -> None:
         """Keep a cached bucket in step with transactions this worker just wrote into it."""
         if hour in self.buckets:
-            idx, c, f = self.buckets[hour]
-            new_idx = self.idx(names)
-            self.buckets[hour] = (np.concatenate([idx, new_idx]),
-                                  np.concatenate([c, np.asarray(counts, dtype=np.int64)]),
-                                  np.concatenate([f, np.zeros(len(names), dtype=np.int64)]))
-        for h in [h for h in self.sums if h - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 1
-                  <= hour < h - TERMINAL_DELAY_HOURS]:
-            del self.sums[h]
+            b_idx, c, f = self.buckets[hour]
+            self.buckets[hour] = (np.concatenate([b_idx, idx]), np.concatenate([c, counts]),
+                                  np.concatenate([f, np.zeros(len(idx), dtype=np.int64)]))
+        self._forget_sums(hour)
 
-    def add_fraud(self, hour: int, terminal: str) -> None:
-        """Keep a cached bucket in step with a label this worker applied."""
-        if hour in self.buckets:
-            idx, c, f = self.buckets[hour]
-            t = self.idx([terminal])[0]
-            hit = np.flatnonzero(idx == t)
-            if hit.size:
-                f = f.copy()
-                f[hit[0]] += 1
-            else:
-                idx, c, f = np.append(idx, t), np.append(c, 0), np.append(f, 1)
-            self.buckets[hour] = (idx, c, f)
-        for h in [h for h in self.sums if h - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS
+    def add_frauds(self, hours: np.ndarray, terminals: Sequence[str]) -> None:
+        """Keep cached buckets in step with on-time frauds applied (by any worker)."""
+        for hour, terminal in zip(hours.tolist(), terminals, strict=True):
+            if hour in self.buckets:
+                idx, c, f = self.buckets[hour]
+                self.buckets[hour] = (np.append(idx, self.idx([terminal])), np.append(c, 0),
+                                      np.append(f, 1))
+            self._forget_sums(hour)
+
+    def _forget_sums(self, hour: int) -> None:
+        for h in [h for h in self.sums if h - TERMINAL_DELAY_HOURS - _LONGEST_TERMINAL_HOURS - 1
                   <= hour < h - TERMINAL_DELAY_HOURS]:
             del self.sums[h]
 
     def window_sums(self, hour: int) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
         """Per-terminal counts and on-time frauds of the delayed windows at `hour`."""
         cached = self.sums.get(hour)
-        if cached is not None:
+        if cached is not None:  # terminals indexed since then had no counts: 0 (caller)
             return cached[1], cached[2]
-        size = len(self.index)
+        size = len(self.names)
         prev = self.sums.get(hour - 1)
         counts, frauds = {}, {}
         for d, (first, end) in terminal_window_bounds(np.array([hour])).items():
@@ -269,19 +356,24 @@ class RedisFeatureStore:
         self,
         client: redis.Redis,
         namespace: str = "fs",
-        snapshot_ttl_s: int = 86_400,
-        cache_cards: int = 500_000,
+        cache_cards: int = 250_000,
         terminal_refresh_s: float = 300.0,
+        cache_labels: int = 2_000_000,
     ) -> None:
         self._r = client
         self._ns = namespace
-        self._ttl = snapshot_ttl_s
-        # card token → (its recent events as CARD_EVENT bytes, event time of the last full
-        # rewrite or None when unknown)
-        self._cards: OrderedDict[str, tuple[bytes, int | None]] = OrderedDict()
+        # card token → its kept events as CARD_RECORD bytes, as in Redis (insertion order
+        # is eviction order); cards whose Redis copy was not whole records are replaced
+        self._cards: dict[str, bytes] = {}
+        self._replace: set[str] = set()
         self._cache_cards = cache_cards
         self._terminals = _TerminalWindows(terminal_refresh_s)
+        self._card_labels = _Counters(cache_labels)
+        self._term_labels = _Counters(cache_labels)
+        self._log_id: bytes | None = None  # the last label-log entry applied (None: unknown)
+        self._log_seq = 0
         self._write_script = client.register_script(_WRITE_BATCH)
+        self._log_script = client.register_script(_LOG_LABELS)
 
     # ---- keys ---------------------------------------------------------------------------
 
@@ -291,6 +383,7 @@ class RedisFeatureStore:
     def invalidate(self) -> None:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
         self._cards.clear()
+        self._replace.clear()
 
     def exchange_progress(self, topic: str, mine: dict[int, tuple[int, bool]],
                           fresh_s: float = 60.0) -> dict[int, tuple[int, bool]]:
@@ -326,142 +419,164 @@ class RedisFeatureStore:
     # ---- events -------------------------------------------------------------------------
 
     def update_many(self, batch: EventBatch) -> np.ndarray:
-        """Features for a batch (rows in input order), applying each new event exactly once."""
+        """Features for a batch (rows in input order), applying each new event exactly once.
+
+        An event whose transaction is already in its card's history (a redelivery) changes
+        nothing and gets the features it got the first time; a repeat inside the batch gets
+        those of its first occurrence.
+        """
         n = len(batch)
         if n == 0:
             return np.empty((0, N_FEATURES), dtype=np.float64)
         _check(batch)
-        tx_ids = list(batch.transaction_ids)
-        ev_hours = hours_of(batch.t_us)
-        seen_rows = {int(h): np.flatnonzero(ev_hours == h) for h in np.unique(ev_hours)}
         cards = list(dict.fromkeys(batch.cards))
-        missing = [c for c in cards if c not in self._cards]
         terminals = list(dict.fromkeys(batch.terminals.tolist()))
-        load_hours = self._terminals.hours_to_load(ev_hours)
+        self._sync(cards, terminals, hours_of(batch.t_us))
 
-        replies = self._read(tx_ids, seen_rows, cards, missing, terminals, load_hours)
-        snapshots, card_blobs, card_labels, term_labels, buckets = replies
-        for c, blob in zip(missing, card_blobs, strict=True):
-            self._remember(c, _whole_records(blob), None)
-        for h, (counts, frauds) in zip(load_hours, buckets, strict=True):
-            self._terminals.store(h, counts, frauds)
+        card_pos = {c: i for i, c in enumerate(cards)}
+        row_card = np.fromiter((card_pos[c] for c in batch.cards), dtype=np.int64, count=n)
+        blobs = [self._cards[c] for c in cards]
+        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
+        stored = np.frombuffer(b"".join(blobs), dtype=CARD_RECORD)
+        hist_card = np.repeat(np.arange(len(cards)), lengths // CARD_RECORD.itemsize)
 
+        tx = transaction_hashes(batch.transaction_ids)
+        _, first, inverse = np.unique(tx, return_index=True, return_inverse=True)
+        first_of = first[inverse.reshape(-1)]
+        is_first = first_of == np.arange(n)
+        seen_at = _find_transactions(stored, hist_card, tx, row_card, int(batch.t_us.min()))
+        _refuse_stale(batch.t_us, is_first & (seen_at < 0), row_card, stored["t_us"], lengths
+                      // CARD_RECORD.itemsize)
         out = np.empty((n, N_FEATURES), dtype=np.float64)
-        replayed = np.zeros(n, dtype=bool)
-        for rows, values in zip(seen_rows.values(), snapshots, strict=True):
-            for i, v in zip(rows, values, strict=True):
-                if v is not None and len(v) == _FEATURE_BYTES:
-                    out[i] = np.frombuffer(v, dtype="<f8")
-                    replayed[i] = True
-        _, first, dup_of = np.unique(np.asarray(tx_ids, dtype=object), return_index=True,
-                                     return_inverse=True)
-        first_of = first[dup_of]
-        fresh = np.flatnonzero(~replayed & (first_of == np.arange(n)))
-        copies = np.flatnonzero(~replayed & (first_of != np.arange(n)))
+        again = np.flatnonzero(is_first & (seen_at >= 0))
+        if again.size:
+            out[again] = _features_of_stored(stored, hist_card, seen_at[again])
+        fresh = np.flatnonzero(is_first & (seen_at < 0))
         if fresh.size:
-            computed = self._compute(batch, fresh, cards, card_labels, terminals, term_labels,
-                                     out)
-            self._write(batch, fresh, out, tx_ids, cards, computed)
+            new, term_idx = self._compute(batch, fresh, row_card[fresh], stored, hist_card,
+                                          out)
+            new["tx"] = tx[fresh]
+            self._write(row_card[fresh], new, term_idx, cards)
+        copies = np.flatnonzero(~is_first)
         out[copies] = out[first_of[copies]]
         return out
 
-    def _read(self, tx_ids: list[str], seen_rows: dict[int, np.ndarray], cards: list[str],
-              missing: list[str], terminals: list[str], load_hours: list[int]) -> tuple:
-        try:
-            pipe = self._r.pipeline(transaction=False)
-            for hour, rows in seen_rows.items():
-                pipe.hmget(self._k("seen", hour), [tx_ids[i] for i in rows])
+    def _sync(self, cards: list[str], terminals: list[str], hours: np.ndarray) -> None:
+        """Bring the caches up to date in one MULTI: label-log entries since the last batch,
+        then whatever these events need that is not cached (cards, label counts, buckets)."""
+        for _ in range(2):
+            missing = [c for c in cards if c not in self._cards]
+            miss_cl = self._card_labels.missing(cards)
+            miss_tl = self._term_labels.missing(terminals)
+            load_hours = self._terminals.hours_to_load(hours)
+            log, seq = self._k("lablog", "log"), self._k("labseq", "log")
+            try:
+                pipe = self._r.pipeline(transaction=True)
+                if self._log_id is None:
+                    pipe.xrevrange(log, count=1)
+                    pipe.get(seq)
+                else:
+                    pipe.xrange(log, min=b"(" + self._log_id, count=_LOG_READ)
+                if missing:
+                    pipe.mget([self._k("card", c) for c in missing])
+                cl_groups = self._queue_counters(pipe, "cl", miss_cl)
+                tl_groups = self._queue_counters(pipe, "tl", miss_tl)
+                for h in load_hours:
+                    pipe.lrange(self._k("th", h), 0, -1)
+                    pipe.hgetall(self._k("tf", h))
+                replies = pipe.execute()
+            except redis.RedisError as exc:
+                raise FeatureStoreUnavailable(f"reading feature state: {exc}") from exc
+            if self._log_id is None:
+                last, now_seq = replies[0], replies[1]
+                self._log_id = last[0][0] if last else b"0-0"
+                self._log_seq = int(now_seq or 0)
+                k = 2
+            else:
+                if not self._apply_log(replies[0]):
+                    # missed entries (trimmed or too many): start the label caches afresh
+                    self._card_labels.clear()
+                    self._term_labels.clear()
+                    self._terminals.clear()
+                    self._log_id = None
+                    continue
+                k = 1
             if missing:
-                pipe.mget([self._k("card", c) for c in missing])
-            card_shards = self._read_counters(pipe, "cl", cards)
-            term_shards = self._read_counters(pipe, "tl", terminals)
+                for c, blob in zip(missing, replies[k], strict=True):
+                    whole = _whole_records(blob)
+                    self._cards[c] = whole
+                    if blob and not whole:
+                        self._replace.add(c)
+                k += 1
+                self._evict()
+            for counters, groups in ((self._card_labels, cl_groups),
+                                     (self._term_labels, tl_groups)):
+                for members in groups:
+                    counters.put(members, replies[k])
+                    k += 1
             for h in load_hours:
-                pipe.lrange(self._k("th", h), 0, -1)
-                pipe.hgetall(self._k("tf", h))
-            replies = pipe.execute()
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"reading feature state: {exc}") from exc
-        k = len(seen_rows)
-        snapshots = replies[:k]
-        if missing:
-            card_blobs = replies[k]
-            k += 1
-        else:
-            card_blobs = []
-        card_labels = _decode_counters(card_shards, replies[k:k + len(card_shards)], len(cards))
-        k += len(card_shards)
-        term_labels = _decode_counters(term_shards, replies[k:k + len(term_shards)],
-                                       len(terminals))
-        k += len(term_shards)
-        flat = replies[k:]
-        buckets = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(load_hours))]
-        return snapshots, card_blobs, card_labels, term_labels, buckets
+                self._terminals.store(h, replies[k], replies[k + 1])
+                k += 2
+            return
+        raise FeatureStoreUnavailable("label log: entries keep going missing")
 
-    def _read_counters(self, pipe: redis.client.Pipeline, kind: str, names: list[str]
-                       ) -> list[np.ndarray]:
-        """Queue one HMGET per shard hash; returns the name positions of each shard."""
-        shards = np.fromiter((zlib.crc32(nm.encode()) % _SHARDS for nm in names), dtype=np.int64,
-                             count=len(names))
-        groups = []
-        for shard in np.unique(shards):
-            rows = np.flatnonzero(shards == shard)
-            fields = [f"{names[i]}{suffix}" for i in rows for suffix in (":n", ":f")]
-            pipe.hmget(self._k(kind, int(shard)), fields)
-            groups.append(rows)
-        return groups
+    def _apply_log(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bool:
+        """Apply label batches logged since the last read to the cached counts; False when
+        some were missed (the sequence has a gap) and the caches can no longer be trusted."""
+        if not entries:
+            return True
+        if len(entries) >= _LOG_READ or int(entries[0][1][b"seq"]) != self._log_seq + 1:
+            return False
+        for entry_id, fields in entries:
+            cards, terms = _unpack_names(fields[b"c"]), _unpack_names(fields[b"t"])
+            flag = np.frombuffer(fields[b"f"], dtype=np.int8)
+            self._card_labels.add(cards, flag > 0)
+            self._term_labels.add(terms, flag > 0)
+            on_time = np.flatnonzero(flag == 2)
+            if on_time.size:
+                hours = np.frombuffer(fields[b"h"], dtype="<i8")[on_time]
+                self._terminals.add_frauds(hours, [terms[i] for i in on_time])
+            self._log_id, self._log_seq = entry_id, int(fields[b"seq"])
+        return True
 
-    def _incr_counters(self, pipe: redis.client.Pipeline, kind: str, names: np.ndarray,
-                       fraud: np.ndarray) -> None:
-        """Add one label (and `fraud`) per row to each name's counters, aggregated."""
-        uniq, inverse = np.unique(names.astype(str), return_inverse=True)
-        n = np.bincount(inverse, minlength=len(uniq))
-        f = np.bincount(inverse, weights=fraud.astype(np.int64), minlength=len(uniq))
-        for name, cn, cf in zip(uniq.tolist(), n.tolist(), f.astype(np.int64).tolist(),
-                                strict=True):
-            key = self._k(kind, zlib.crc32(name.encode()) % _SHARDS)
-            pipe.hincrby(key, f"{name}:n", cn)
-            if cf:
-                pipe.hincrby(key, f"{name}:f", cf)
+    def _queue_counters(self, pipe: redis.client.Pipeline, kind: str, names: list[str]
+                        ) -> list[list[str]]:
+        """Queue one HMGET per shard hash holding any of `names`; returns the groups."""
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            groups.setdefault(zlib.crc32(name.encode()) % _SHARDS, []).append(name)
+        for shard, members in groups.items():
+            pipe.hmget(self._k(kind, shard), members)
+        return list(groups.values())
 
-    def _remember(self, card: str, blob: bytes, rewritten_us: int | None) -> None:
-        self._cards[card] = (blob, rewritten_us)
-        self._cards.move_to_end(card)
-        while len(self._cards) > self._cache_cards:
-            self._cards.popitem(last=False)
+    def _evict(self) -> None:
+        excess = len(self._cards) - self._cache_cards
+        if excess > 0:  # oldest loaded first; an evicted card is read back on its next event
+            for card in list(self._cards)[: excess + self._cache_cards // 10]:
+                del self._cards[card]
+                self._replace.discard(card)
 
-    def _compute(self, batch: EventBatch, fresh: np.ndarray, cards: list[str],
-                 card_labels: np.ndarray, terminals: list[str],
-                 term_labels: np.ndarray, out: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """Features of the fresh rows into `out`; returns what `_write` persists."""
+    def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_card: np.ndarray,
+                 stored: np.ndarray, hist_card: np.ndarray, out: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Features of the fresh rows into `out`; returns their records and terminals."""
         t_us = batch.t_us[fresh]
+        amount = batch.amount[fresh]
         res = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
-        transaction_features(t_us, batch.amount[fresh], res)
+        transaction_features(t_us, amount, res)
 
-        # card windows: stored recent events of these cards, then the fresh events
-        card_pos = {c: i for i, c in enumerate(cards)}
-        batch_card = np.fromiter((card_pos[batch.cards[i]] for i in fresh), dtype=np.int64,
-                                 count=len(fresh))
-        blobs = [self._cards[c][0] for c in cards]
-        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
-        lengths //= CARD_EVENT.itemsize
-        stored = np.frombuffer(b"".join(blobs), dtype=CARD_EVENT)
-        hist_card = np.repeat(np.arange(len(cards)), lengths)
-        recent = stored["t_us"] > int(t_us.min()) - CARD_LOOKBACK_US
-        stored, hist_card = stored[recent], hist_card[recent]
+        # card windows: the stored events of these cards, then the fresh events
+        hist = stored
         events = CardEvents(
-            card=np.concatenate([hist_card, batch_card]),
-            t_us=np.concatenate([stored["t_us"], t_us]),
-            amount=np.concatenate([stored["amount"], batch.amount[fresh]]),
-            terminal=np.concatenate([stored["terminal"], batch.terminal_keys[fresh]]),
-            device=np.concatenate([stored["device"], batch.device[fresh]]),
-            country=np.concatenate([stored["country"], batch.country[fresh]]),
+            card=np.concatenate([hist_card, fresh_card]),
+            t_us=np.concatenate([hist["t_us"], t_us]),
+            amount=np.concatenate([hist["amount"], amount]),
+            terminal=np.concatenate([hist["terminal"], batch.terminal_keys[fresh]]),
+            device=np.concatenate([hist["device"], batch.device[fresh]]),
+            country=np.concatenate([hist["country"], batch.country[fresh]]),
         )
-        card_part = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
-        card_features(events, card_part, rows=np.arange(len(stored), len(events)),
-                      order=sorted_order(events, stored=len(stored)))
-        res[:, _CARD_COLS] = card_part[:, _CARD_COLS]
-        kept = np.bincount(hist_card, minlength=len(cards))
+        card_features(events, res, rows=np.arange(len(hist), len(events)),
+                      order=sorted_order(events, stored=len(hist)))
 
         # terminal windows from the cached hour buckets
         term_idx = self._terminals.idx(batch.terminals[fresh].tolist())
@@ -472,7 +587,7 @@ class RedisFeatureStore:
             rows = np.flatnonzero(hours == h)
             c_sum, f_sum = self._terminals.window_sums(int(h))
             idx = term_idx[rows]
-            inside = idx < len(next(iter(c_sum.values())))
+            inside = idx < len(c_sum[TERMINAL_WINDOWS_DAYS[0]])
             for d in TERMINAL_WINDOWS_DAYS:
                 counts[d][rows[inside]] = c_sum[d][idx[inside]]
                 frauds[d][rows[inside]] = f_sum[d][idx[inside]]
@@ -480,88 +595,82 @@ class RedisFeatureStore:
         terminal_columns(counts, frauds, res)
 
         # labels reported so far
-        cl = card_labels[batch_card]
-        res[:, INDEX["card_label_fraud_rate"]] = label_rate(cl[:, 0], cl[:, 1])
-        term_pos = {t: i for i, t in enumerate(terminals)}
-        tpos = np.fromiter((term_pos[t] for t in batch.terminals[fresh].tolist()),
-                           dtype=np.int64, count=len(fresh))
-        tl = term_labels[tpos]
-        res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(tl[:, 0], tl[:, 1])
+        card_n, card_f = self._card_labels.get([batch.cards[i] for i in fresh])
+        term_n, term_f = self._term_labels.get(batch.terminals[fresh].tolist())
+        res[:, INDEX["card_label_fraud_rate"]] = label_rate(card_n, card_f)
+        res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(term_n, term_f)
         out[fresh] = res
 
-        # the new events join the cached history (trimmed to the lookback)
-        new = np.empty(len(fresh), dtype=CARD_EVENT)
-        new["t_us"], new["amount"] = t_us, batch.amount[fresh]
+        new = np.empty(len(fresh), dtype=CARD_RECORD)
+        new["t_us"], new["amount"] = t_us, amount
         new["terminal"], new["device"] = batch.terminal_keys[fresh], batch.device[fresh]
         new["country"] = batch.country[fresh]
-        return batch_card, new, kept
+        new["inputs"] = np.column_stack(
+            [counts[d] for d in TERMINAL_WINDOWS_DAYS] + [frauds[d] for d in TERMINAL_WINDOWS_DAYS]
+            + [card_n, card_f, term_n, term_f])
+        return new, term_idx
 
-    def _write(self, batch: EventBatch, fresh: np.ndarray, out: np.ndarray, tx_ids: list[str],
-               cards: list[str], computed: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        """Persist the fresh events, their terminal counts and feature snapshots in one
-        atomic script call (one command, so the client does not pack a thousand).
-
-        A card's blob is appended to; it is rewritten (trimmed, with a fresh TTL) at most
-        about once a day, or when most of it has aged out of the lookback.
-        """
-        batch_card, new, kept = computed
-        order = np.argsort(batch_card, kind="stable")
-        bounds = np.searchsorted(batch_card[order], np.arange(len(cards) + 1))
+    def _write(self, fresh_card: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
+               cards: list[str]) -> None:
+        """Persist the fresh events and their terminal counts in one atomic script call:
+        per card, its new records appended and the leading records that aged out dropped."""
+        order = np.argsort(fresh_card, kind="stable")
+        bounds = np.searchsorted(fresh_card[order], np.arange(len(cards) + 1))
         added_all = new[order].tobytes()
-        size = CARD_EVENT.itemsize
-        now_us = int(batch.t_us[fresh].max())
-        horizon = int(batch.t_us[fresh].min()) - CARD_LOOKBACK_US
+        size = CARD_RECORD.itemsize
         keys: list[str] = []
-        args: list[bytes | str | int] = []
-        updated: dict[str, tuple[bytes, int | None]] = {}
-        for ci, card in enumerate(cards):
+        args: list[bytes | int] = []
+        updated: dict[str, bytes] = {}
+        cache, replace = self._cards, self._replace
+        added_t = new["t_us"][order]
+        for ci in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+            card = cards[ci]
             lo, hi = int(bounds[ci]), int(bounds[ci + 1])
-            if hi == lo:
-                continue
-            blob, rewritten = self._cards[card]
             added = added_all[lo * size:hi * size]
-            total = len(blob) // size
-            if rewritten is None or now_us - rewritten > DAY_US or (total - kept[ci]) * 4 > total:
-                events = np.frombuffer(blob, dtype=CARD_EVENT)
-                merged = events[events["t_us"] > horizon].tobytes() + added
-                args += ["s", merged]
-                updated[card] = (merged, now_us)
+            blob = cache[card]
+            cut = 0
+            # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
+            # a trim rewrites the card server-side, so do it about once a week, not per event
+            if blob and int.from_bytes(blob[:8], "little", signed=True) <= int(
+                    added_t[lo:hi].max()) - _KEEP_US - TRIM_SLACK_US:
+                cut = _aged_records(blob, int(added_t[lo:hi].max()) - _KEEP_US) * size
+            if card in replace:
+                args.append(b"-1:" + blob[cut:] + added)
             else:
-                args += ["a", added]
-                updated[card] = (blob + added, rewritten)
+                args.append(b"%d:" % cut + added)
+            updated[card] = blob[cut:] + added
             keys.append(self._k("card", card))
         n_cards = len(keys)
-        hours = hours_of(batch.t_us[fresh])
-        terms = batch.terminals[fresh]
-        unique_hours = np.unique(hours)
-        written: list[tuple[int, list[str], list[int]]] = []
-        for h in unique_hours:
-            rows = np.flatnonzero(hours == h)
-            names, counts = np.unique(terms[rows].astype(str), return_counts=True)
-            written.append((int(h), names.tolist(), counts.tolist()))
-            keys += [self._k("th", int(h)), self._k("seen", int(h))]
-            args.append("".join(f"{name}\t{c}\n" for name, c in
-                                zip(names.tolist(), counts.tolist(), strict=True)))
-            args.append(len(rows))
-            for i in rows:
-                args += [tx_ids[fresh[i]], out[fresh[i]].astype("<f8").tobytes()]
-        bucket_ttl = int((TERMINAL_DELAY_HOURS + _LONGEST_TERMINAL_HOURS + 48) * 3600)
-        header = [n_cards, _CARD_TTL_MS, bucket_ttl, self._ttl, len(unique_hours)]
+        hours = hours_of(new["t_us"])
+        names = self._terminals.names
+        written: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for h in np.unique(hours).tolist():
+            counts = np.bincount(term_idx[hours == h])
+            present = np.flatnonzero(counts)
+            written.append((h, present, counts[present]))
+            keys.append(self._k("th", h))
+            args.append("".join(f"{names[i]}\t{c}\n"
+                                for i, c in zip(present.tolist(), counts[present].tolist(),
+                                                strict=True)).encode())
         try:
-            self._write_script(keys=keys, args=header + args)
+            self._write_script(keys=keys, args=[n_cards, _CARD_TTL_MS, _BUCKET_TTL_S, *args])
         except redis.RedisError as exc:
             for card in cards:  # our cache may now be ahead of Redis: reload next time
                 self._cards.pop(card, None)
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        for card, (blob, rewritten) in updated.items():
-            self._remember(card, blob, rewritten)
-        for hour, names, counts in written:
-            self._terminals.add_counts(hour, names, counts)
+        self._cards.update(updated)
+        self._replace.difference_update(updated)
+        for hour, idx, counts in written:
+            self._terminals.add_counts(hour, idx, counts)
 
     # ---- labels -------------------------------------------------------------------------
 
     def apply_labels(self, labels: LabelBatch) -> int:
-        """Apply fraud reports once each (first report wins); returns how many were new."""
+        """Apply fraud reports once each (first report wins); returns how many were new.
+
+        Counters, buckets and the label-log entry are written in one MULTI, so workers that
+        tail the log (this one included, on its next batch) see every label exactly once.
+        """
         n = len(labels.transaction_ids)
         if n == 0:
             return 0
@@ -578,7 +687,7 @@ class RedisFeatureStore:
         new = np.ones(n, dtype=bool)
         for rows, values in zip(groups.values(), known, strict=True):
             new[rows] = [v is None for v in values]
-        _, first = np.unique(np.asarray(tx_ids, dtype=object), return_index=True)
+        _, first = np.unique(transaction_hashes(tx_ids), return_index=True)
         once = np.zeros(n, dtype=bool)
         once[first] = True
         apply = np.flatnonzero(new & once)
@@ -588,30 +697,41 @@ class RedisFeatureStore:
         label_ttl = int((delay_us // 1_000_000) + 40 * 86_400)
         fraud = labels.is_fraud[apply].astype(bool)
         on_time = fraud & (labels.reported_us[apply] <= labels.t_us[apply] + delay_us)
-        terms = np.asarray(labels.terminals, dtype=object)[apply]
+        cards = [labels.cards[i] for i in apply.tolist()]
+        terms = [labels.terminals[i] for i in apply.tolist()]
         try:
             pipe = self._r.pipeline(transaction=True)
-            for h in np.unique(hours[apply]):
+            for h in np.unique(hours[apply]).tolist():
                 rows = apply[hours[apply] == h]
-                key = self._k("lab", int(h))
+                key = self._k("lab", h)
                 pipe.hset(key, mapping={tx_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
                 pipe.expire(key, label_ttl)
-            self._incr_counters(pipe, "cl", np.asarray(labels.cards, dtype=object)[apply], fraud)
+            self._incr_counters(pipe, "cl", cards, fraud)
             self._incr_counters(pipe, "tl", terms, fraud)
-            pairs = {}
-            for h, term in zip(hours[apply][on_time].tolist(), terms[on_time].tolist(),
-                               strict=True):
+            pairs: dict[tuple[int, str], int] = {}
+            for h, term in zip(hours[apply][on_time].tolist(),
+                               [terms[i] for i in np.flatnonzero(on_time)], strict=True):
                 pairs[(h, term)] = pairs.get((h, term), 0) + 1
             for (h, term), c in pairs.items():
                 pipe.hincrby(self._k("tf", h), term, c)
+            flag = fraud.astype(np.int8) + on_time.astype(np.int8)  # 0, 1 fraud, 2 on time
+            self._log_script(keys=[self._k("lablog", "log"), self._k("labseq", "log")],
+                             args=[_LOG_MAXLEN, _pack_names(cards), _pack_names(terms),
+                                   flag.tobytes(), hours[apply].astype("<i8").tobytes()],
+                             client=pipe)
             pipe.execute()
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"writing labels: {exc}") from exc
-        for (h, term), c in pairs.items():
-            for _ in range(c):
-                self._terminals.add_fraud(h, term)
         return int(apply.size)
 
+    def _incr_counters(self, pipe: redis.client.Pipeline, kind: str, names: Sequence[str],
+                       fraud: np.ndarray) -> None:
+        """Add one label (and `fraud`) per row to each name's packed counter, aggregated."""
+        totals: dict[str, int] = {}
+        for name, f in zip(names, fraud.tolist(), strict=True):
+            totals[name] = totals.get(name, 0) + 1 + (int(f) << 32)
+        for name, v in totals.items():
+            pipe.hincrby(self._k(kind, zlib.crc32(name.encode()) % _SHARDS), name, v)
 
     # ---- bootstrap ----------------------------------------------------------------------
 
@@ -619,25 +739,28 @@ class RedisFeatureStore:
                      chunk: int = 5_000) -> None:
         """Write the state a stream would have left at `until_us`, from a whole history.
 
-        Much faster than streaming it (no per-batch features), and the result is the same:
-        the last 30 days of each card, the terminal hour buckets, and the labels reported
-        so far (first report per transaction).
+        Much faster than streaming it (no per-batch features), and the result is the same
+        for every later event: each card's kept events, the terminal hour buckets, and the
+        labels reported so far (first report per transaction). Loaded events are known for
+        redelivery; their recorded terminal and label counts are not (zeros).
         """
         before = events.t_us < until_us
         t_us = events.t_us[before]
         cards = np.asarray(events.cards, dtype=object)[before]
-        recent = t_us > until_us - CARD_LOOKBACK_US - DAY_US
-        rec = np.empty(int(recent.sum()), dtype=CARD_EVENT)
+        recent = t_us > until_us - _KEEP_US
+        rec = np.zeros(int(recent.sum()), dtype=CARD_RECORD)
         rec["t_us"] = t_us[recent]
         rec["amount"] = events.amount[before][recent]
         rec["terminal"] = events.terminal_keys[before][recent]
         rec["device"] = events.device[before][recent]
         rec["country"] = events.country[before][recent]
+        ids = np.asarray(events.transaction_ids, dtype=object)[before][recent]
+        rec["tx"] = transaction_hashes(ids)
         owner = cards[recent]
         order = np.argsort(owner, kind="stable")
         names, starts = np.unique(owner[order], return_index=True)
         ends = np.r_[starts[1:], len(order)]
-        card_ttl_ms = int((CARD_LOOKBACK_US + DAY_US) // 1000)
+        card_ttl_ms = int((_KEEP_US + DAY_US) // 1000)
         pipe = self._r.pipeline(transaction=False)
         for name, a, b in zip(names.tolist(), starts, ends, strict=True):
             pipe.set(self._k("card", name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
@@ -656,21 +779,25 @@ class RedisFeatureStore:
         for h, mapping in by_hour.items():
             pipe.rpush(self._k("th", int(h)),
                        "".join(f"{name}\t{c}\n" for name, c in mapping.items()))
+            pipe.expire(self._k("th", int(h)), _BUCKET_TTL_S)
             if len(pipe) >= chunk:
                 pipe.execute()
         pipe.execute()
+        self._load_labels(labels, until_us)
         self.invalidate()
+        self._card_labels.clear()
+        self._term_labels.clear()
         self._terminals = _TerminalWindows(self._terminals.refresh_s)
-        self._load_labels(labels, until_us, chunk)
+        self._log_id = None
 
-    def _load_labels(self, labels: LabelBatch, until_us: int, chunk: int) -> None:
+    def _load_labels(self, labels: LabelBatch, until_us: int) -> None:
         """Labels reported by `until_us`, aggregated: the first report per transaction."""
         rep = labels.reported_us <= until_us
         ids = np.asarray(labels.transaction_ids, dtype=object)[rep]
         order = np.lexsort((ids.astype(str), labels.reported_us[rep]))
         _, first = np.unique(ids[order], return_index=True)
         pick = np.flatnonzero(rep)[order[first]]
-        fraud = labels.is_fraud[pick].astype(np.int64)
+        fraud = labels.is_fraud[pick].astype(bool)
         hours = hours_of(labels.t_us[pick])
         pipe = self._r.pipeline(transaction=False)
         for h in np.unique(hours):
@@ -678,7 +805,7 @@ class RedisFeatureStore:
             pipe.hset(self._k("lab", int(h)), mapping={
                 labels.transaction_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
         for kind, owners in (("cl", labels.cards), ("tl", labels.terminals)):
-            self._incr_counters(pipe, kind, np.asarray(owners, dtype=object)[pick], fraud)
+            self._incr_counters(pipe, kind, [owners[i] for i in pick.tolist()], fraud)
         on_time = labels.is_fraud[pick] & (
             labels.reported_us[pick] <= labels.t_us[pick] + TERMINAL_DELAY_HOURS * HOUR_US)
         for h in np.unique(hours[on_time]):
@@ -690,14 +817,6 @@ class RedisFeatureStore:
         pipe.execute()
 
 
-_CARD_COLS = [INDEX[name] for name in FEATURE_NAMES if name.startswith("card_")
-              and name != "card_label_fraud_rate"]
-
-
-class InvalidEvent(ValueError):
-    """An event that must not reach the state; the message names the row and the reason."""
-
-
 def _check(batch: EventBatch) -> None:
     """Refuse the whole batch before anything is read or written: bad rows never reach state."""
     bad_amount = ~(np.isfinite(batch.amount) & (batch.amount > 0))
@@ -706,23 +825,92 @@ def _check(batch: EventBatch) -> None:
         raise InvalidEvent(f"row {i}: amount must be a finite number > 0")
     for name, values in (("transaction_id", batch.transaction_ids), ("card", batch.cards),
                          ("terminal", batch.terminals)):
-        missing = [i for i, v in enumerate(values) if not isinstance(v, str) or not v]
-        if missing:
-            raise InvalidEvent(f"row {missing[0]}: missing {name}")
+        if all(type(v) is str and v for v in values):
+            continue
+        i = next(i for i, v in enumerate(values) if not isinstance(v, str) or not v)
+        raise InvalidEvent(f"row {i}: missing {name}")
+
+
+def _refuse_stale(t_us: np.ndarray, new: np.ndarray, row_card: np.ndarray,
+                  stored_t: np.ndarray, counts: np.ndarray) -> None:
+    """Raise :class:`StaleEvents` for new events older than their card's kept history."""
+    if len(stored_t) == 0:
+        return
+    has = counts > 0
+    newest = np.zeros(len(counts), dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    newest[has] = np.maximum.reduceat(stored_t, starts[has])
+    stale = new & has[row_card] & (t_us <= newest[row_card] - _KEEP_US)
+    if stale.any():
+        raise StaleEvents(np.flatnonzero(stale))
+
+
+def _aged_records(blob: bytes, horizon: int) -> int:
+    """How many leading records of a card's blob are at or before `horizon`."""
+    t = np.frombuffer(blob, dtype=CARD_RECORD)["t_us"]
+    kept = np.flatnonzero(t > horizon)
+    return int(kept[0]) if kept.size else len(t)
+
+
+def _find_transactions(stored: np.ndarray, stored_card: np.ndarray, tx: np.ndarray,
+                       card: np.ndarray, t_min: int) -> np.ndarray:
+    """Per event, the stored record of the same transaction of the same card, or -1.
+    A redelivered event's record has its event time, so only records at `t_min` (the
+    batch's oldest event) or later are candidates: usually just the last few batches'."""
+    found = np.full(len(tx), -1, dtype=np.int64)
+    cand = np.flatnonzero(stored["t_us"] >= t_min)
+    if cand.size == 0:
+        return found
+    stored_tx = stored["tx"][cand]
+    order = np.argsort(tx)
+    sorted_tx = tx[order]
+    pos = np.minimum(np.searchsorted(sorted_tx, stored_tx), len(tx) - 1)
+    hit = np.flatnonzero(sorted_tx[pos] == stored_tx)
+    if hit.size:
+        rows = order[pos[hit]]
+        same = stored_card[cand[hit]] == card[rows]
+        found[rows[same]] = cand[hit[same]]
+    return found
+
+
+def _features_of_stored(stored: np.ndarray, stored_card: np.ndarray, rows: np.ndarray
+                        ) -> np.ndarray:
+    """The features stored events got when they were new: card windows recomputed over
+    the history before them (exact), terminal and label parts from the recorded counts."""
+    res = np.zeros((len(rows), N_FEATURES), dtype=np.float64)
+    transaction_features(stored["t_us"][rows], stored["amount"][rows], res)
+    events = CardEvents(card=stored_card, t_us=stored["t_us"], amount=stored["amount"],
+                        terminal=stored["terminal"], device=stored["device"],
+                        country=stored["country"])
+    card_features(events, res, rows=rows)
+    inputs = stored["inputs"][rows].astype(np.int64)
+    terminal_columns({d: inputs[:, j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
+                     {d: inputs[:, _N_WIN + j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
+                     res)
+    res[:, INDEX["card_label_fraud_rate"]] = label_rate(inputs[:, _CARD_LAB],
+                                                        inputs[:, _CARD_LAB + 1])
+    res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(inputs[:, _TERM_LAB],
+                                                            inputs[:, _TERM_LAB + 1])
+    return res
+
+
+def _pack_names(names: Sequence[str]) -> bytes:
+    encoded = [x.encode() for x in names]
+    lengths = np.fromiter(map(len, encoded), dtype="<u4", count=len(encoded))
+    return len(encoded).to_bytes(4, "little") + lengths.tobytes() + b"".join(encoded)
+
+
+def _unpack_names(blob: bytes) -> list[str]:
+    count = int.from_bytes(blob[:4], "little")
+    lengths = np.frombuffer(blob, dtype="<u4", count=count, offset=4).astype(np.int64)
+    ends = (4 + 4 * count + np.cumsum(lengths)).tolist()
+    starts = [4 + 4 * count, *ends[:-1]]
+    return [blob[a:b].decode() for a, b in zip(starts, ends, strict=True)]
 
 
 def _whole_records(blob: bytes | None) -> bytes:
     """Stored card events; a blob that is not whole records is treated as empty."""
-    if not blob or len(blob) % CARD_EVENT.itemsize:
+    if not blob or len(blob) % CARD_RECORD.itemsize:
         return b""
     return bytes(blob)
 
-
-def _decode_counters(groups: list[np.ndarray], replies: list[list[bytes | None]], n: int
-                     ) -> np.ndarray:
-    """(labels, frauds) per name from the shard HMGET replies; missing = 0."""
-    out = np.zeros((n, 2), dtype=np.int64)
-    for rows, values in zip(groups, replies, strict=True):
-        flat = np.array([int(v) if v is not None else 0 for v in values], dtype=np.int64)
-        out[rows] = flat.reshape(len(rows), 2)
-    return out

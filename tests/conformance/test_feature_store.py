@@ -19,7 +19,14 @@ import redis
 from app.simulator import simulate
 from features.definitions import FEATURE_NAMES, INDEX
 from features.offline import compute_features, events_from_frame, labels_from_frame
-from features.online import EventBatch, InvalidEvent, LabelBatch, RedisFeatureStore
+from features.online import (
+    REDELIVERY_US,
+    EventBatch,
+    InvalidEvent,
+    LabelBatch,
+    RedisFeatureStore,
+    StaleEvents,
+)
 from features.stream import take_events, take_labels
 
 StoreFactory = Callable[[], RedisFeatureStore]
@@ -81,11 +88,22 @@ def test_online_equals_offline_with_labels(make_store: StoreFactory, data, batch
 
 def test_redelivery_gets_first_features_and_changes_nothing(make_store: StoreFactory,
                                                              data) -> None:
+    """A crash redelivers the last uncommitted batches: events up to REDELIVERY_US older
+    than their card's newest get their first features back exactly; older redeliveries
+    (beyond what the card keeps) still change nothing."""
     tx, _ = data
     store = make_store()
     first = stream(store, tx, None, 300)
-    again = stream(store, tx.iloc[1000:2500], None, 333)  # other batch boundaries
-    assert np.array_equal(again, first[1000:2500])
+    recent = np.flatnonzero((tx["timestamp"] > tx["timestamp"].max()
+                             - pd.Timedelta(microseconds=REDELIVERY_US)).to_numpy())
+    assert len(recent) > 100
+    again = stream(store, tx.iloc[recent], None, 33)  # other batch boundaries
+    assert np.array_equal(again, first[recent])
+    old = take_events(events_from_frame(tx), np.arange(1000, 2500))  # weeks old
+    with pytest.raises(StaleEvents) as stale:
+        store.update_many(old)
+    assert 0 < len(stale.value.rows) < len(old)
+    store.update_many(take_events(old, np.setdiff1d(np.arange(len(old)), stale.value.rows)))
     late = tx.iloc[[5]].assign(transaction_id="brand-new",
                                timestamp=tx["timestamp"].max() + pd.Timedelta(seconds=1))
     expected = compute_features(pd.concat([tx, late], ignore_index=True)).to_numpy()[-1]
@@ -154,3 +172,28 @@ def test_parity_holds_when_terminal_buckets_are_reread_every_batch(data) -> None
     offline = compute_features(tx).to_numpy()
     assert np.array_equal(online, offline)
     assert (offline[:, INDEX["terminal_count_30d"]] > 0).any()
+
+
+class _TwoWorkers:
+    """Labels applied by one worker, events scored by another (sharing one Redis)."""
+
+    def __init__(self, labeller: RedisFeatureStore, scorer: RedisFeatureStore) -> None:
+        self.labeller, self.scorer = labeller, scorer
+
+    def apply_labels(self, labels: LabelBatch) -> int:
+        return self.labeller.apply_labels(labels)
+
+    def update_many(self, batch: EventBatch) -> np.ndarray:
+        return self.scorer.update_many(batch)
+
+
+@pytest.mark.parametrize("log_read", [1024, 2])
+def test_labels_applied_by_another_worker_are_seen_exactly(
+        make_store: StoreFactory, data, monkeypatch: pytest.MonkeyPatch, log_read: int) -> None:
+    """The scorer's cached label counts follow the label log; when it falls behind (here:
+    more than `log_read` entries between batches) it reloads, and stays exact."""
+    monkeypatch.setattr("features.online._LOG_READ", log_read)
+    tx, labels = data
+    workers = _TwoWorkers(make_store(), make_store())
+    online = stream(workers, tx, labels, 200)  # type: ignore[arg-type]
+    assert np.array_equal(online, compute_features(tx, labels).to_numpy())
