@@ -12,10 +12,13 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import to_json
 
 from app.audit import AuditLog, features_hashes
 from app.metrics import NON_FINITE, STAGE_SECONDS
@@ -25,12 +28,19 @@ from app.security.keyring import KeyringWatcher
 from app.security.redact import Redactor
 from app.security.tokens import Tokenizer, equality_keys
 from features.definitions import DEFAULTS, FEATURE_NAMES
-from features.online import EventBatch, FeatureStoreUnavailable, LabelBatch, RedisFeatureStore
+from features.online import (
+    EventBatch,
+    FeatureStoreUnavailable,
+    LabelBatch,
+    RedisFeatureStore,
+    StaleEvents,
+)
 from features.windows import country_keys, terminal_hash, transaction_features
 from models.policy import Policy
 from models.runtime import ModelRuntime, ModelWatcher, Scores
 
 STAGE_DECODE = "decode"
+STAGE_FEATURES = "features"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 MAX_REASON_CHARS = 500
@@ -107,6 +117,59 @@ def _describe(exc: ValidationError) -> str:
 M = TypeVar("M", Transaction, Label)
 
 
+@cache
+def _list_adapter(model: type[M]) -> TypeAdapter[list[M]]:
+    return TypeAdapter(list[model], config=ConfigDict(hide_input_in_errors=True))  # type: ignore[valid-type]
+
+
+def _validate_together(values: Sequence[bytes], model: type[M]) -> list[M | None]:
+    """Validate values in one pydantic-core call, as the JSON array ``[v0,v1,...]``; None
+    where a value must be validated on its own instead (the caller then does).
+
+    Only values whose first byte is "{", whose last byte is "}" and that hold no other "}"
+    byte join the array. Then a top-level element can only end at the last byte of a value
+    (every "}" byte is one), so each element spans whole values, and when the array has as
+    many elements as values, each element is exactly one value, parsed as it is alone. A
+    value crafted to leave a string or an array open (``{"a":"}``, ``{"a":[1}``) can only
+    merge with its neighbours, which the count catches; it can never change how they parse.
+    A JSON syntax error, a count that differs or an error without an item index sends every
+    value to the one-by-one path, whose results and dead-letter reasons are the reference.
+    """
+    n = len(values)
+    joined = b",".join(values)
+    if (joined.count(b"}") == n and all(values)
+            and all(v[0] == 0x7B and v[-1] == 0x7D for v in values)):  # b"{" ... b"}"
+        todo = list(range(n))  # the usual batch: every value joins, as is
+    else:
+        joined = b""
+        todo = [i for i, v in enumerate(values)
+                if v[:1] == b"{" and v[-1:] == b"}" and v.count(b"}") == 1]
+    out: list[M | None] = [None] * n
+    for _attempt in range(2):  # the second try runs without the items that failed the first
+        if not todo:
+            break
+        if not joined:
+            joined = b",".join([values[i] for i in todo])
+        try:
+            items: list[M | None] = _list_adapter(model).validate_json(b"[" + joined + b"]")
+        except ValidationError as exc:
+            failed: set[int] = set()
+            for err in exc.errors(include_url=False, include_context=False, include_input=False):
+                loc = err["loc"]
+                if not loc or not isinstance(loc[0], int) or not 0 <= loc[0] < len(todo):
+                    return out  # not an item's error (e.g. JSON syntax): all one by one
+                failed.add(loc[0])
+            todo, joined = [i for k, i in enumerate(todo) if k not in failed], b""
+            continue
+        if len(items) == len(todo) == n:
+            return items
+        if len(items) == len(todo):
+            for i, item in zip(todo, items, strict=True):
+                out[i] = item
+        break
+    return out
+
+
 def decode(
     records: Sequence[InputRecord], max_bytes: int, model: type[M] = Transaction,  # type: ignore[assignment]
     max_future_s: float = 0.0,
@@ -115,34 +178,67 @@ def decode(
 
     With `max_future_s` > 0, an event stamped further than that ahead of this machine's
     clock is dead-lettered too: a wrong producer clock must not poison a card's windows.
+
+    Well-formed objects are validated together in one call (:func:`_validate_together`);
+    the rest, and any batch that call cannot vouch for, one by one — with the same
+    outcome and the same reasons, in input order.
     """
     latest = datetime.now(UTC) + timedelta(seconds=max_future_s) if max_future_s > 0 else None
+    values = [rec.value or b"" for rec in records]
+    sizes = list(map(len, values))
+    reasons: list[str | None]
+    if sizes and min(sizes) > 0 and max(sizes) <= max_bytes:  # the usual batch
+        reasons = [None] * len(records)
+        items = _validate_together(values, model)
+    else:
+        reasons = [None if 0 < size <= max_bytes else "empty value" if size == 0 else
+                   f"value is {size} bytes, above the {max_bytes}-byte limit" for size in sizes]
+        sized = [i for i, reason in enumerate(reasons) if reason is None]
+        items = [None] * len(records)
+        for i, item in zip(sized, _validate_together([values[i] for i in sized], model),
+                           strict=True):
+            items[i] = item
+    late = ([item is not None and item.timestamp > latest for item in items]
+            if latest is not None else [False])
+    if not any(late) and all(item is not None for item in items):
+        return items, list(records), []  # type: ignore[return-value]
     txs: list[M] = []
     sources: list[InputRecord] = []
     dead: list[DeadLetter] = []
-    for rec in records:
-        if not rec.value:
-            dead.append(DeadLetter(rec, STAGE_DECODE, "empty value"))
-            continue
-        if len(rec.value) > max_bytes:
-            reason = f"value is {len(rec.value)} bytes, above the {max_bytes}-byte limit"
-            dead.append(DeadLetter(rec, STAGE_DECODE, reason))
-            continue
-        try:
-            item = model.model_validate_json(rec.value)
-        except ValidationError as exc:
-            dead.append(DeadLetter(rec, STAGE_DECODE, _describe(exc)))
-            continue
-        if latest is not None and item.timestamp > latest:
+    for rec, item, reason in zip(records, items, reasons, strict=True):
+        if reason is None and item is None:
+            try:
+                item = model.model_validate_json(rec.value)  # type: ignore[arg-type]
+            except ValidationError as exc:
+                reason = _describe(exc)
+        if item is not None and latest is not None and item.timestamp > latest:
             reason = f"timestamp: more than {max_future_s:g}s in the future"
+        if reason is not None:
             dead.append(DeadLetter(rec, STAGE_DECODE, reason))
             continue
-        txs.append(item)
+        txs.append(item)  # type: ignore[arg-type]
         sources.append(rec)
     return txs, sources, dead
 
 
 # ---- stage 2 ------------------------------------------------------------------------------
+
+_PII_FIELDS = ("customer_id", "card_number", "device_id", "ip", "email")
+_TX_COLUMNS = attrgetter("transaction_id", "terminal_id", "timestamp", "amount", "country",
+                         *_PII_FIELDS)
+_LABEL_COLUMNS = attrgetter("transaction_id", "customer_id", "terminal_id", "timestamp",
+                            "reported_at", "is_fraud")
+
+
+def _columns(rows: Sequence[Any], getter: attrgetter[Any], width: int) -> list[tuple[Any, ...]]:
+    """Attribute columns of `rows` in one pass (`width` = number of attributes)."""
+    return list(zip(*map(getter, rows), strict=True)) if rows else [()] * width
+
+
+def _epoch_us(stamps: Sequence[datetime]) -> np.ndarray:
+    """Exact integer microseconds since the epoch (a float timestamp() would round)."""
+    return np.fromiter(((t - _EPOCH) // _MICROSECOND for t in stamps), dtype=np.int64,
+                       count=len(stamps))
 
 
 @dataclass(frozen=True)
@@ -152,7 +248,7 @@ class Pseudonymised:
     events: EventBatch
     customer_tokens: list[str]
     event_times: list[datetime]
-    pii: list[dict[str, Any]] = field(repr=False)
+    pii_columns: tuple[Sequence[str | None], ...] = field(repr=False)  # _PII_FIELDS order
 
     @property
     def transaction_ids(self) -> list[str]:
@@ -162,41 +258,44 @@ class Pseudonymised:
     def terminal_ids(self) -> list[str]:
         return self.events.terminals.tolist()
 
+    def pii_of(self, row: int) -> dict[str, Any]:
+        """The personal fields of one event, for its alert's encrypted envelope."""
+        return {name: column[row] for name, column in zip(_PII_FIELDS, self.pii_columns,
+                                                          strict=True)}
+
+    @property
+    def pii(self) -> list[dict[str, Any]]:
+        return [self.pii_of(row) for row in range(len(self.event_times))]
+
 
 def pseudonymise(txs: Sequence[Transaction], tokenizer: Tokenizer) -> Pseudonymised:
-    n = len(txs)
-    customer_tokens = [c or "" for c in tokenizer.tokens(t.customer_id for t in txs)]
-    terminals = np.array([t.terminal_id for t in txs], dtype=object)
+    tx_ids, terminal_ids, stamps, amounts, countries, *pii = _columns(txs, _TX_COLUMNS, 10)
+    customers, devices = pii[_PII_FIELDS.index("customer_id")], pii[_PII_FIELDS.index("device_id")]
+    customer_tokens = [c or "" for c in tokenizer.tokens(customers)]
+    terminals = np.array(terminal_ids, dtype=object)
     events = EventBatch(
-        transaction_ids=[t.transaction_id for t in txs],
+        transaction_ids=list(tx_ids),
         cards=customer_tokens,
         terminals=terminals,
         terminal_keys=terminal_hash(terminals),
-        t_us=np.fromiter(((t.timestamp - _EPOCH) // _MICROSECOND for t in txs), dtype=np.int64,
-                         count=n),
-        amount=np.fromiter((t.amount for t in txs), dtype=np.float64, count=n),
-        device=equality_keys(tokenizer.tokens(t.device_id for t in txs)),
-        country=country_keys(np.array([t.country for t in txs], dtype=object)),
+        t_us=_epoch_us(stamps),
+        amount=np.array(amounts, dtype=np.float64),
+        device=equality_keys(tokenizer.tokens(devices)),
+        country=country_keys(np.array(countries, dtype=object)),
     )
-    pii = [
-        {"customer_id": t.customer_id, "card_number": t.card_number, "device_id": t.device_id,
-         "ip": t.ip, "email": t.email}
-        for t in txs
-    ]
-    return Pseudonymised(events, customer_tokens, [t.timestamp for t in txs], pii)
+    return Pseudonymised(events, customer_tokens, list(stamps), tuple(pii))
 
 
 def label_batch(labels: Sequence[Label], tokenizer: Tokenizer) -> LabelBatch:
     """Fraud reports keyed like the events they describe (card tokens, no customer ids)."""
+    tx_ids, customers, terminals, stamps, reported, is_fraud = _columns(labels, _LABEL_COLUMNS, 6)
     return LabelBatch(
-        transaction_ids=[lb.transaction_id for lb in labels],
-        cards=[c or "" for c in tokenizer.tokens(lb.customer_id for lb in labels)],
-        terminals=[lb.terminal_id for lb in labels],
-        t_us=np.fromiter(((lb.timestamp - _EPOCH) // _MICROSECOND for lb in labels),
-                         dtype=np.int64, count=len(labels)),
-        reported_us=np.fromiter(((lb.reported_at - _EPOCH) // _MICROSECOND for lb in labels),
-                                dtype=np.int64, count=len(labels)),
-        is_fraud=np.fromiter((lb.is_fraud for lb in labels), dtype=bool, count=len(labels)),
+        transaction_ids=list(tx_ids),
+        cards=[c or "" for c in tokenizer.tokens(customers)],
+        terminals=list(terminals),
+        t_us=_epoch_us(stamps),
+        reported_us=_epoch_us(reported),
+        is_fraud=np.array(is_fraud, dtype=bool),
     )
 
 
@@ -238,6 +337,117 @@ def alert_id(model_version: str, transaction_id: str) -> str:
     """Deterministic, so a redelivered or replayed event yields the same alert id."""
     digest = hashlib.sha256(f"{model_version}\x00{transaction_id}".encode()).hexdigest()
     return "al-" + digest[:24]
+
+
+# ---- stage 6: score records ---------------------------------------------------------------
+
+_DECISIONS = ("allow", "review", "block")
+# ScoreRecord's fields in declaration order, as model_dump_json writes them; a schema change
+# that this list does not follow sends every row through the model (see _score_values).
+_SCORE_FIELDS = ("transaction_id", "event_time", "scored_at", "customer_token", "terminal_id",
+                 "fraud_score", "anomaly_score", "decision", "model_version", "fail_open",
+                 "shadow_model_version", "shadow_fraud_score")
+_FAST_SCORES = tuple(ScoreRecord.model_fields) == _SCORE_FIELDS
+
+
+def _json(value: Any) -> bytes:
+    """pydantic's JSON for one value, as a ScoreRecord field serialises it (NaN/inf: null)."""
+    return to_json(value, inf_nan_mode="null")
+
+
+_KEYS = {name: (b"," if i else b"{") + _json(name) + b":" for i, name in enumerate(_SCORE_FIELDS)}
+
+
+def _only(values: Sequence[Any], kind: type) -> bool:
+    return set(map(type, values)) <= {kind}
+
+
+def _json_items(values: list[Any], quoted: bool) -> list[bytes]:
+    """:func:`_json` of every item, with one serialiser call where that is provably exact:
+    floats (`quoted` False) never serialise with a comma inside, datetimes and strings
+    without a quote (`quoted` True) never with a quote inside, so the array splits exactly
+    at ``,`` resp. ``","``. Otherwise, or if the count differs, item by item."""
+    if not values:
+        return []
+    if not quoted:
+        parts = _json(values)[1:-1].split(b",")
+    elif isinstance(values[0], str) and '"' in "".join(values):
+        parts = []
+    else:
+        parts = [b'"' + p + b'"' for p in _json(values)[2:-2].split(b'","')]
+    return parts if len(parts) == len(values) else [_json(v) for v in values]
+
+
+def _score_values(
+    tx_ids: Sequence[str], event_times: Sequence[datetime], scored_at: datetime,
+    customer_tokens: Sequence[str], terminals: Sequence[str], scores: Scores,
+    decisions: np.ndarray, version: str, fail_open: bool, shadow_version: str | None,
+    shadow: np.ndarray | None,
+) -> list[bytes]:
+    """The `scores` values: per row the bytes of ``ScoreRecord(...).model_dump_json()``,
+    serialised column by column. Inputs the model would reject or convert go through the
+    model itself, so its validation errors stay as they were."""
+    n = len(tx_ids)
+    fraud = np.asarray(scores.fraud, dtype=np.float64)
+    decision_list = (decisions.tolist() if isinstance(decisions, np.ndarray)
+                     and decisions.dtype.kind == "U" else [str(d) for d in decisions])
+    plain = (
+        _FAST_SCORES and n == len(fraud) == len(decision_list) == len(scores.anomaly)
+        and (shadow is None or len(shadow) == n)
+        and type(version) is str and (shadow_version is None or type(shadow_version) is str)
+        and type(scored_at) is datetime and type(fail_open) is bool
+        and bool(np.all((fraud >= 0.0) & (fraud <= 1.0)))  # False for NaN too
+        and set(decision_list) <= set(_DECISIONS)
+        and _only(tx_ids, str) and _only(customer_tokens, str) and _only(terminals, str)
+        and _only(event_times, datetime)
+    )
+    if not plain:
+        return [_score_record_json(row, tx_ids, event_times, scored_at, customer_tokens,
+                                   terminals, scores, decisions, version, fail_open,
+                                   shadow_version, shadow) for row in range(n)]
+    anomaly = np.asarray(scores.anomaly, dtype=np.float64).tolist()
+    shadow_json = (_json_items(np.asarray(shadow, dtype=np.float64).tolist(), False)
+                   if shadow is not None else [b"null"] * n)
+    k = _KEYS
+    after_event = k["scored_at"] + _json(scored_at) + k["customer_token"]
+    after_decision = b"".join((
+        k["model_version"], _json(version), k["fail_open"], _json(fail_open),
+        k["shadow_model_version"], _json(shadow_version), k["shadow_fraud_score"]))
+    decision_part = {d: k["decision"] + _json(d) + after_decision for d in _DECISIONS}
+    tx_key, event_key, terminal_key = k["transaction_id"], k["event_time"], k["terminal_id"]
+    fraud_key, anomaly_key = k["fraud_score"], k["anomaly_score"]
+    return [
+        b"".join((tx_key, tx, event_key, et, after_event, tok, terminal_key, term, fraud_key,
+                  f, anomaly_key, a, decision_part[d], sf, b"}"))
+        for tx, et, tok, term, f, a, d, sf in zip(
+            _json_items(list(tx_ids), True), _json_items(list(event_times), True),
+            _json_items(list(customer_tokens), True), _json_items(list(terminals), True),
+            _json_items(fraud.tolist(), False), _json_items(anomaly, False),
+            decision_list, shadow_json, strict=True)
+    ]
+
+
+def _score_record_json(
+    row: int, tx_ids: Sequence[str], event_times: Sequence[datetime], scored_at: datetime,
+    customer_tokens: Sequence[str], terminals: Sequence[str], scores: Scores,
+    decisions: np.ndarray, version: str, fail_open: bool, shadow_version: str | None,
+    shadow: np.ndarray | None,
+) -> bytes:
+    """One `scores` value through the model (the reference :func:`_score_values` matches)."""
+    return ScoreRecord(
+        transaction_id=tx_ids[row],
+        event_time=event_times[row],
+        scored_at=scored_at,
+        customer_token=customer_tokens[row],
+        terminal_id=terminals[row],
+        fraud_score=float(scores.fraud[row]),
+        anomaly_score=float(scores.anomaly[row]),
+        decision=str(decisions[row]),  # type: ignore[arg-type]
+        model_version=version,
+        fail_open=fail_open,
+        shadow_model_version=shadow_version,
+        shadow_fraud_score=float(shadow[row]) if shadow is not None else None,
+    ).model_dump_json().encode()
 
 
 # ---- the whole pipeline -------------------------------------------------------------------
@@ -350,7 +560,22 @@ class Scorer:
         opened = False
         with STAGE_SECONDS.labels("features").time():
             try:
-                features = enrich(batch, self.store)
+                try:
+                    features = enrich(batch, self.store)
+                except StaleEvents as exc:  # too late to apply once: dead-letter, score the rest
+                    late = set(exc.rows.tolist())
+                    stale = [DeadLetter(sources[i], STAGE_FEATURES, exc.reason)
+                             for i in sorted(late)]
+                    dead = [*dead, *stale]
+                    outputs.extend(d.to_output(self.topics.dlq, self.redactor) for d in stale)
+                    txs = [t for i, t in enumerate(txs) if i not in late]
+                    sources = [r for i, r in enumerate(sources) if i not in late]
+                    if not txs:
+                        empty = np.empty(0)
+                        return BatchResult(outputs, [], empty, empty.astype(str), dead, 0,
+                                           np.empty((0, len(FEATURE_NAMES))))
+                    batch = pseudonymise(txs, self.tokenizer)
+                    features = enrich(batch, self.store)
             except FeatureStoreUnavailable:
                 if not fail_open:
                     raise
@@ -423,28 +648,17 @@ class Scorer:
                     model_version=version,
                     fail_open=fail_open,
                     reasons=reason_list,
-                    pii=self.cipher.encrypt(batch.pii[row], associated_data(aid, tx_id)),
+                    pii=self.cipher.encrypt(batch.pii_of(row), associated_data(aid, tx_id)),
                 )
                 key = batch.customer_tokens[row].encode()
                 out.append(Output(self.topics.alerts, key, alert.model_dump_json().encode()))
         if self.emit_scores:
-            for row, tx_id in enumerate(tx_ids):
-                record = ScoreRecord(
-                    transaction_id=tx_id,
-                    event_time=batch.event_times[row],
-                    scored_at=now,
-                    customer_token=batch.customer_tokens[row],
-                    terminal_id=terminals[row],
-                    fraud_score=float(scores.fraud[row]),
-                    anomaly_score=float(scores.anomaly[row]),
-                    decision=str(decisions[row]),  # type: ignore[arg-type]
-                    model_version=version,
-                    fail_open=fail_open,
-                    shadow_model_version=shadow_version,
-                    shadow_fraud_score=float(shadow[row]) if shadow is not None else None,
-                )
-                key = batch.customer_tokens[row].encode()
-                out.append(Output(self.topics.scores, key, record.model_dump_json().encode()))
+            values = _score_values(tx_ids, batch.event_times, now, batch.customer_tokens,
+                                   terminals, scores, decisions, version, fail_open,
+                                   shadow_version, shadow)
+            topic = self.topics.scores
+            out.extend(Output(topic, token.encode(), value)
+                       for token, value in zip(batch.customer_tokens, values, strict=True))
         return out
 
     def _audit_decisions(self, batch: Pseudonymised, features: np.ndarray, scores: Scores,

@@ -77,31 +77,31 @@ _LOG_MAXLEN = 4096  # label-log entries kept (one per applied label batch)
 _LOG_READ = 1024  # entries read per batch; more means "too far behind": reload instead
 _LOW32 = (1 << 32) - 1
 
-# One batch's writes, atomically. KEYS: the card keys, then one terminal bucket per event
-# hour. ARGV: n_cards, card TTL (ms), bucket TTL (s), per card "<cut>:<records>" (drop the
-# first `cut` bytes, which aged out, then append; -1: replace), per hour its
-# "terminal\tcount" chunk. Trimming happens here, so only new records cross the network.
+# One batch's writes, atomically. KEYS: cards to append to, cards to trim (or replace),
+# then one terminal bucket per event hour. ARGV: n_append, n_trim, card TTL (ms), bucket
+# TTL (s); per appended card its new records; per trimmed card the bytes to drop from its
+# start (-1: replace the value) and its new records; per hour its "terminal\tcount" chunk.
+# Trimming happens here, so only new records cross the network.
 _WRITE_BATCH = """
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  local v = ARGV[i + 3]
-  local sep = string.find(v, ':', 1, true)
-  local cut = tonumber(string.sub(v, 1, sep - 1))
-  local add = string.sub(v, sep + 1)
-  if cut == 0 then
-    redis.call('APPEND', KEYS[i], add)
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
-  elseif cut > 0 then
-    redis.call('SET', KEYS[i], redis.call('GETRANGE', KEYS[i], cut, -1) .. add, 'PX', ARGV[2])
-  else
-    redis.call('SET', KEYS[i], add, 'PX', ARGV[2])
-  end
+local na, nt, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for i = 1, na do
+  redis.call('APPEND', KEYS[i], ARGV[i + 4])
+  redis.call('PEXPIRE', KEYS[i], ttl)
 end
-for k = n + 1, #KEYS do
-  redis.call('RPUSH', KEYS[k], ARGV[k + 3])
-  redis.call('EXPIRE', KEYS[k], ARGV[3])
+local a = na + 5
+for i = na + 1, na + nt do
+  local cut = tonumber(ARGV[a])
+  local kept = ''
+  if cut >= 0 then kept = redis.call('GETRANGE', KEYS[i], cut, -1) end
+  redis.call('SET', KEYS[i], kept .. ARGV[a + 1], 'PX', ttl)
+  a = a + 2
 end
-return n
+for k = na + nt + 1, #KEYS do
+  redis.call('RPUSH', KEYS[k], ARGV[a])
+  redis.call('EXPIRE', KEYS[k], ARGV[4])
+  a = a + 1
+end
+return na + nt
 """
 # Append one label batch to the log with the next sequence number. KEYS: log, sequence.
 _LOG_LABELS = """
@@ -250,22 +250,21 @@ class _TerminalWindows:
         return sorted(b for b in needed if b not in self.buckets)
 
     def store(self, hour: int, chunks: list[bytes], frauds: dict[bytes, bytes]) -> None:
-        """Cache one hour: `chunks` are the batches' "terminal\tcount" lines."""
-        counts: dict[str, int] = {}
+        """Cache one hour: `chunks` are the batches' "terminal\tcount" lines (a terminal may
+        repeat: the window sums add them up)."""
+        names: list[str] = []
+        counts: list[str] = []
         for chunk in chunks:
             for line in chunk.decode().splitlines():
                 name, _, c = line.rpartition("\t")
-                counts[name] = counts.get(name, 0) + int(c)
-        for k in frauds:
-            counts.setdefault(k.decode(), 0)
-        names = list(counts)
-        idx = self.idx(names)
-        c = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
-        f = np.zeros(len(names), dtype=np.int64)
-        if frauds:
-            pos = {name: i for i, name in enumerate(names)}
-            for k, v in frauds.items():
-                f[pos[k.decode()]] = int(v)
+                names.append(name)
+                counts.append(c)
+        fraud_names = [k.decode() for k in frauds]
+        idx = self.idx(names + fraud_names)
+        c = np.zeros(len(idx), dtype=np.int64)
+        c[: len(counts)] = np.array(counts, dtype=np.str_).astype(np.int64) if counts else 0
+        f = np.zeros(len(idx), dtype=np.int64)
+        f[len(counts):] = [int(v) for v in frauds.values()]
         self.buckets[hour] = (idx, c, f)
 
     def add_counts(self, hour: int, idx: np.ndarray, counts: np.ndarray) -> None:
@@ -620,6 +619,8 @@ class RedisFeatureStore:
         size = CARD_RECORD.itemsize
         keys: list[str] = []
         args: list[bytes | int] = []
+        trim_keys: list[str] = []
+        trim_args: list[bytes | int] = []
         updated: dict[str, bytes] = {}
         cache, replace = self._cards, self._replace
         added_t = new["t_us"][order]
@@ -628,19 +629,25 @@ class RedisFeatureStore:
             lo, hi = int(bounds[ci]), int(bounds[ci + 1])
             added = added_all[lo * size:hi * size]
             blob = cache[card]
-            cut = 0
             # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
             # a trim rewrites the card server-side, so do it about once a week, not per event
             if blob and int.from_bytes(blob[:8], "little", signed=True) <= int(
                     added_t[lo:hi].max()) - _KEEP_US - TRIM_SLACK_US:
                 cut = _aged_records(blob, int(added_t[lo:hi].max()) - _KEEP_US) * size
-            if card in replace:
-                args.append(b"-1:" + blob[cut:] + added)
+                trim_keys.append(self._k("card", card))
+                updated[card] = blob[cut:] + added
+                trim_args += [-1, updated[card]] if card in replace else [cut, added]
+            elif card in replace:
+                trim_keys.append(self._k("card", card))
+                trim_args += [-1, blob + added]
+                updated[card] = blob + added
             else:
-                args.append(b"%d:" % cut + added)
-            updated[card] = blob[cut:] + added
-            keys.append(self._k("card", card))
-        n_cards = len(keys)
+                keys.append(self._k("card", card))
+                args.append(added)
+                updated[card] = blob + added
+        header = [len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S]
+        keys += trim_keys
+        args += trim_args
         hours = hours_of(new["t_us"])
         names = self._terminals.names
         written: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -653,7 +660,7 @@ class RedisFeatureStore:
                                 for i, c in zip(present.tolist(), counts[present].tolist(),
                                                 strict=True)).encode())
         try:
-            self._write_script(keys=keys, args=[n_cards, _CARD_TTL_MS, _BUCKET_TTL_S, *args])
+            self._write_script(keys=keys, args=[*header, *args])
         except redis.RedisError as exc:
             for card in cards:  # our cache may now be ahead of Redis: reload next time
                 self._cards.pop(card, None)

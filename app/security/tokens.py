@@ -8,7 +8,6 @@ never from the repository.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import os
 import stat
@@ -62,9 +61,17 @@ class Tokenizer:
 
     def __init__(self, key: bytes) -> None:
         self._key = key
+        self._mac = hmac.new(key, digestmod="sha256")  # OpenSSL-backed; key schedule once
+
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[bytes]]:
+        return Tokenizer, (self._key,)  # HMAC objects do not pickle; rebuild from the key
 
     def token(self, value: str) -> str:
-        return hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:TOKEN_HEX]
+        """HMAC-SHA256 of the value (hex, truncated); copying the keyed HMAC object skips
+        the key schedule that ``hmac.new`` would redo for every token."""
+        mac = self._mac.copy()
+        mac.update(value.encode("utf-8"))
+        return mac.hexdigest()[:TOKEN_HEX]
 
     def tokens(self, values: Iterable[object]) -> list[str | None]:
         """Tokens for a column; missing values (None, NaN) stay missing."""
