@@ -208,6 +208,44 @@ class _Counters:
         np.add.at(self.f, idx[known], fraud[known].astype(np.int64))
 
 
+class _TerminalCounters:
+    """Cached (labels, frauds) per terminal, by the index `_TerminalWindows` gives it."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.loaded = np.zeros(0, dtype=bool)
+        self.n = np.zeros(0, dtype=np.int64)
+        self.f = np.zeros(0, dtype=np.int64)
+
+    def _fit(self, size: int) -> None:
+        if size > len(self.loaded):
+            grow = max(size, 2 * len(self.loaded), 1024)
+            self.loaded = _grown(self.loaded, grow)
+            self.n, self.f = _grown(self.n, grow), _grown(self.f, grow)
+
+    def missing(self, idx: np.ndarray) -> np.ndarray:
+        self._fit(int(idx.max()) + 1 if len(idx) else 0)
+        return idx[~self.loaded[idx]]
+
+    def put(self, idx: Sequence[int], packed: Sequence[bytes | None]) -> None:
+        v = np.fromiter((int(p) if p is not None else 0 for p in packed), dtype=np.int64,
+                        count=len(packed))
+        at = np.asarray(idx, dtype=np.int64)
+        self.n[at], self.f[at], self.loaded[at] = v & _LOW32, v >> 32, True
+
+    def get(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.n[idx], self.f[idx]
+
+    def add(self, idx: np.ndarray, fraud: np.ndarray) -> None:
+        """One label per row, for loaded terminals only."""
+        self._fit(int(idx.max()) + 1 if len(idx) else 0)
+        known = self.loaded[idx]
+        np.add.at(self.n, idx[known], 1)
+        np.add.at(self.f, idx[known], fraud[known].astype(np.int64))
+
+
 class _TerminalWindows:
     """Worker-local hour buckets of every terminal and the window sums built from them."""
 
@@ -368,7 +406,7 @@ class RedisFeatureStore:
         self._cache_cards = cache_cards
         self._terminals = _TerminalWindows(terminal_refresh_s)
         self._card_labels = _Counters(cache_labels)
-        self._term_labels = _Counters(cache_labels)
+        self._term_labels = _TerminalCounters()
         self._log_id: bytes | None = None  # the last label-log entry applied (None: unknown)
         self._log_seq = 0
         self._write_script = client.register_script(_WRITE_BATCH)
@@ -429,8 +467,8 @@ class RedisFeatureStore:
             return np.empty((0, N_FEATURES), dtype=np.float64)
         _check(batch)
         cards = list(dict.fromkeys(batch.cards))
-        terminals = list(dict.fromkeys(batch.terminals.tolist()))
-        self._sync(cards, terminals, hours_of(batch.t_us))
+        term_idx = self._terminals.idx(batch.terminals.tolist())
+        self._sync(cards, np.unique(term_idx), hours_of(batch.t_us))
 
         card_pos = {c: i for i, c in enumerate(cards)}
         row_card = np.fromiter((card_pos[c] for c in batch.cards), dtype=np.int64, count=n)
@@ -452,21 +490,20 @@ class RedisFeatureStore:
             out[again] = _features_of_stored(stored, hist_card, seen_at[again])
         fresh = np.flatnonzero(is_first & (seen_at < 0))
         if fresh.size:
-            new, term_idx = self._compute(batch, fresh, row_card[fresh], stored, hist_card,
-                                          out)
+            new = self._compute(batch, fresh, row_card[fresh], stored, hist_card, term_idx, out)
             new["tx"] = tx[fresh]
-            self._write(row_card[fresh], new, term_idx, cards)
+            self._write(row_card[fresh], new, term_idx[fresh], cards)
         copies = np.flatnonzero(~is_first)
         out[copies] = out[first_of[copies]]
         return out
 
-    def _sync(self, cards: list[str], terminals: list[str], hours: np.ndarray) -> None:
+    def _sync(self, cards: list[str], terminals: np.ndarray, hours: np.ndarray) -> None:
         """Bring the caches up to date in one MULTI: label-log entries since the last batch,
         then whatever these events need that is not cached (cards, label counts, buckets)."""
         for _ in range(2):
             missing = [c for c in cards if c not in self._cards]
             miss_cl = self._card_labels.missing(cards)
-            miss_tl = self._term_labels.missing(terminals)
+            miss_tl = self._term_labels.missing(terminals).tolist()
             load_hours = self._terminals.hours_to_load(hours)
             log, seq = self._k("lablog", "log"), self._k("labseq", "log")
             try:
@@ -479,7 +516,8 @@ class RedisFeatureStore:
                 if missing:
                     pipe.mget([self._k("card", c) for c in missing])
                 cl_groups = self._queue_counters(pipe, "cl", miss_cl)
-                tl_groups = self._queue_counters(pipe, "tl", miss_tl)
+                tl_groups = self._queue_counters(pipe, "tl", [self._terminals.names[i]
+                                                              for i in miss_tl])
                 for h in load_hours:
                     pipe.lrange(self._k("th", h), 0, -1)
                     pipe.hgetall(self._k("tf", h))
@@ -508,11 +546,13 @@ class RedisFeatureStore:
                         self._replace.add(c)
                 k += 1
                 self._evict()
-            for counters, groups in ((self._card_labels, cl_groups),
-                                     (self._term_labels, tl_groups)):
-                for members in groups:
-                    counters.put(members, replies[k])
-                    k += 1
+            for members in cl_groups:
+                self._card_labels.put(members, replies[k])
+                k += 1
+            index = self._terminals.index
+            for members in tl_groups:
+                self._term_labels.put([index[m] for m in members], replies[k])
+                k += 1
             for h in load_hours:
                 self._terminals.store(h, replies[k], replies[k + 1])
                 k += 2
@@ -530,7 +570,7 @@ class RedisFeatureStore:
             cards, terms = _unpack_names(fields[b"c"]), _unpack_names(fields[b"t"])
             flag = np.frombuffer(fields[b"f"], dtype=np.int8)
             self._card_labels.add(cards, flag > 0)
-            self._term_labels.add(terms, flag > 0)
+            self._term_labels.add(self._terminals.idx(terms), flag > 0)
             on_time = np.flatnonzero(flag == 2)
             if on_time.size:
                 hours = np.frombuffer(fields[b"h"], dtype="<i8")[on_time]
@@ -556,9 +596,9 @@ class RedisFeatureStore:
                 self._replace.discard(card)
 
     def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_card: np.ndarray,
-                 stored: np.ndarray, hist_card: np.ndarray, out: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """Features of the fresh rows into `out`; returns their records and terminals."""
+                 stored: np.ndarray, hist_card: np.ndarray, term_idx: np.ndarray,
+                 out: np.ndarray) -> np.ndarray:
+        """Features of the fresh rows into `out`; returns their records."""
         t_us = batch.t_us[fresh]
         amount = batch.amount[fresh]
         res = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
@@ -578,7 +618,7 @@ class RedisFeatureStore:
                       order=sorted_order(events, stored=len(hist)))
 
         # terminal windows from the cached hour buckets
-        term_idx = self._terminals.idx(batch.terminals[fresh].tolist())
+        term_idx = term_idx[fresh]
         hours = hours_of(t_us)
         counts = {d: np.zeros(len(fresh), dtype=np.int64) for d in TERMINAL_WINDOWS_DAYS}
         frauds = {d: np.zeros(len(fresh), dtype=np.int64) for d in TERMINAL_WINDOWS_DAYS}
@@ -595,7 +635,7 @@ class RedisFeatureStore:
 
         # labels reported so far
         card_n, card_f = self._card_labels.get([batch.cards[i] for i in fresh])
-        term_n, term_f = self._term_labels.get(batch.terminals[fresh].tolist())
+        term_n, term_f = self._term_labels.get(term_idx)
         res[:, INDEX["card_label_fraud_rate"]] = label_rate(card_n, card_f)
         res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(term_n, term_f)
         out[fresh] = res
@@ -607,7 +647,7 @@ class RedisFeatureStore:
         new["inputs"] = np.column_stack(
             [counts[d] for d in TERMINAL_WINDOWS_DAYS] + [frauds[d] for d in TERMINAL_WINDOWS_DAYS]
             + [card_n, card_f, term_n, term_f])
-        return new, term_idx
+        return new
 
     def _write(self, fresh_card: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
                cards: list[str]) -> None:
@@ -623,26 +663,30 @@ class RedisFeatureStore:
         trim_args: list[bytes | int] = []
         updated: dict[str, bytes] = {}
         cache, replace = self._cards, self._replace
-        added_t = new["t_us"][order]
-        for ci in np.flatnonzero(bounds[1:] > bounds[:-1]).tolist():
+        touched = np.flatnonzero(bounds[1:] > bounds[:-1])
+        starts = bounds[touched]
+        # per written card: where its new records start and end, and the newest's time
+        newest = np.maximum.reduceat(new["t_us"][order], starts) if len(starts) else starts
+        lows, highs = (starts * size).tolist(), (bounds[touched + 1] * size).tolist()
+        trim_before = (newest - _KEEP_US - TRIM_SLACK_US).tolist()
+        prefix = f"{self._ns}:card:{{"
+        for ci, lo, hi, before in zip(touched.tolist(), lows, highs, trim_before, strict=True):
             card = cards[ci]
-            lo, hi = int(bounds[ci]), int(bounds[ci + 1])
-            added = added_all[lo * size:hi * size]
+            added = added_all[lo:hi]
             blob = cache[card]
             # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
             # a trim rewrites the card server-side, so do it about once a week, not per event
-            if blob and int.from_bytes(blob[:8], "little", signed=True) <= int(
-                    added_t[lo:hi].max()) - _KEEP_US - TRIM_SLACK_US:
-                cut = _aged_records(blob, int(added_t[lo:hi].max()) - _KEEP_US) * size
-                trim_keys.append(self._k("card", card))
+            if blob and int.from_bytes(blob[:8], "little", signed=True) <= before:
+                cut = _aged_records(blob, before + TRIM_SLACK_US) * size
+                trim_keys.append(prefix + card + "}")
                 updated[card] = blob[cut:] + added
                 trim_args += [-1, updated[card]] if card in replace else [cut, added]
             elif card in replace:
-                trim_keys.append(self._k("card", card))
+                trim_keys.append(prefix + card + "}")
                 trim_args += [-1, blob + added]
                 updated[card] = blob + added
             else:
-                keys.append(self._k("card", card))
+                keys.append(prefix + card + "}")
                 args.append(added)
                 updated[card] = blob + added
         header = [len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S]
