@@ -197,3 +197,18 @@ def test_labels_applied_by_another_worker_are_seen_exactly(
     workers = _TwoWorkers(make_store(), make_store())
     online = stream(workers, tx, labels, 200)  # type: ignore[arg-type]
     assert np.array_equal(online, compute_features(tx, labels).to_numpy())
+
+
+def test_every_state_key_expires(make_store: StoreFactory, data) -> None:
+    """Card, bucket and label keys all carry a TTL (APPEND alone would create immortal keys);
+    only the capped label log and its sequence live on."""
+    tx, labels = data
+    store = make_store()
+    stream(store, tx.iloc[:3000], labels.iloc[:1000], 250)
+    kinds: dict[str, int] = {}
+    for key in store._r.scan_iter(match=f"{store._ns}:*"):
+        kind = key.decode().split(":")[1]
+        kinds[kind] = kinds.get(kind, 0) + 1
+        if kind not in ("lablog", "labseq", "cl", "tl"):
+            assert store._r.ttl(key) > 0, key
+    assert {"card", "th", "lab"} <= set(kinds), kinds
