@@ -37,14 +37,22 @@ from app.pipeline import (
     label_batch,
     pseudonymise,
 )
-from app.schemas import Label, ScoreRecord, Transaction
+from app.schemas import Label, ScoreRecord, Transaction, luhn_ok
 from app.security.tokens import Tokenizer, equality_keys
 from features.windows import country_keys, terminal_hash
 from models.runtime import Scores
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
-PANS = ["4539578763621486", "4000822390174588", "4000135040082345"]
+
+
+def luhn_complete(prefix: str) -> str:
+    """A generated test card number: `prefix` plus its Luhn check digit."""
+    return next(prefix + d for d in "0123456789" if luhn_ok(prefix + d))
+
+
+PANS = [luhn_complete(f"40000000000{n:04d}") for n in (11, 22, 33)]
+BAD_PAN = PANS[0][:-1] + str((int(PANS[0][-1]) + 1) % 10)
 
 
 def tx_doc(i: int, **changes: object) -> dict[str, object]:
@@ -126,7 +134,7 @@ def test_bad_records_keep_their_reasons_and_good_neighbours_pass() -> None:
     values: list[bytes | None] = [
         good(0), None, b"", b"not json", b"\xff\xfe\xfd", b"[1,2]", b"null", good(1),
         good(2, amount=-1), good(3, timestamp="2026-03-01T12:30:00"),
-        good(4, card_number="4539578763621487"),  # Luhn
+        good(4, card_number=BAD_PAN),  # Luhn
         good(5, ip="999.1.1.1"), b'{"a":1}', good(6, currency="eur", amount="x"),
         b'{"padding":"' + b"x" * 5000 + b'"}', good(7), b"  " + good(8) + b"\n", good(9),
         good(10, terminal_id="T}1"), good(11, extra={"nested": 1}), good(12, extra=[1, 2]),
