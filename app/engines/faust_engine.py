@@ -47,6 +47,7 @@ from features.online import FeatureStoreUnavailable
 log = logging.getLogger("fraudscore.engine.faust")
 
 STOP_TIMEOUT_S = 60.0
+REVOKE_WAIT_S = 8.0  # under broker_session_timeout: a stuck batch must not stall the group
 _FAUST_LOGGERS = ("faust", "mode", "aiokafka")
 
 
@@ -90,6 +91,7 @@ class FaustEngine:
         self._backoff = BACKOFF_START_S
         self._last_activity = time.monotonic()
         self._invalidate = False
+        self._assigned: set[Any] | None = None  # None until the first assignment
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
         # the scorer blocks (Redis, ONNX): run it off the event loop so aiokafka keeps
@@ -117,6 +119,10 @@ class FaustEngine:
             # an unexpected error in the agent stops the worker instead of restarting the
             # agent with events left unacked in the middle of its partitions
             agent_supervisor=CrashingSupervisor,
+            # faust would wait, at a rebalance and at shutdown, for every event handed to
+            # the agent to be acked, and waits forever for those a stopping agent leaves
+            # unacked (SIGTERM with a batch forming): _on_revoked does that job instead
+            stream_wait_empty=False,
             stream_buffer_maxsize=max(4 * s.batch_size, 4096),
             # as the confluent engine: a dead worker's partitions move on within seconds
             broker_session_timeout=10.0,
@@ -127,12 +133,32 @@ class FaustEngine:
         topic = app.topic(s.topic_transactions, s.topic_labels,
                           key_serializer="raw", value_serializer="raw")
         app.agent(topic, name=f"{s.group_id}-scorer")(self._agent)
+        app.on_partitions_revoked.connect(self._on_revoked)
         app.on_partitions_assigned.connect(self._on_assigned)
         return app
+
+    async def _on_revoked(self, sender: Any, revoked: set[Any], **kwargs: Any) -> None:
+        """Before partitions move: the batch in flight finishes and its offsets are
+        committed, and events of the revoked partitions not yet scored will be dropped by
+        the agent (unacked: their next owner reads them), so two workers never score the
+        same card at once."""
+        if self._assigned is not None:
+            self._assigned -= set(revoked)
+        try:
+            await asyncio.wait_for(self._batch_lock.acquire(), REVOKE_WAIT_S)
+        except TimeoutError:
+            log.warning("rebalance: the batch in flight did not finish within %.0fs; its "
+                        "events may be scored again by their next owner", REVOKE_WAIT_S)
+            return
+        try:
+            await self._commit()
+        finally:
+            self._batch_lock.release()
 
     async def _on_assigned(self, sender: Any, assigned: set[Any], **kwargs: Any) -> None:
         """Cards may have moved to or from another worker: drop the card cache (before the
         next batch is scored, never under a running one)."""
+        self._assigned = set(assigned)
         self._invalidate = True
         log.info("rebalance: %d partitions; card cache will be dropped", len(assigned))
 
@@ -152,7 +178,8 @@ class FaustEngine:
             self._stop.set()  # a failing batch stops retrying
             self._set_ready(False, "stopped")
             async with self._batch_lock:
-                await asyncio.wait_for(self.app.stop(), STOP_TIMEOUT_S)
+                pass  # the batch in flight finishes; none starts after _stop
+            await asyncio.wait_for(self.app.stop(), STOP_TIMEOUT_S)
             self._pool.shutdown(wait=True)
         reason = self._fatal or self.app.crash_reason
         if reason is not None:
@@ -166,10 +193,22 @@ class FaustEngine:
         the loop moves on, failed or not."""
         within = self.settings.batch_timeout_ms / 1000.0
         async for batch in stream.noack_take(self.settings.batch_size, within=within):
-            events: Sequence[EventT] = batch
             async with self._batch_lock:
-                if self._stop.is_set() or not await self._process(stream, events):
+                if self._stop.is_set():
                     return  # stopping: unacked events are read again by the next owner
+                events: Sequence[EventT] = self._owned(batch)
+                if events and not await self._process(stream, events):
+                    return
+
+    def _owned(self, batch: Sequence[EventT]) -> Sequence[EventT]:
+        """The batch less events of partitions revoked since they were fetched."""
+        if self._assigned is None:
+            return batch
+        owned = [e for e in batch if e.message.tp in self._assigned]
+        if len(owned) < len(batch):
+            log.info("rebalance: %d events of revoked partitions left to their next owner",
+                     len(batch) - len(owned))
+        return owned
 
     async def _process(self, stream: StreamT, events: Sequence[EventT]) -> bool:
         """Score, deliver, ack, commit. A Redis outage retries the same batch with backoff
