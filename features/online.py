@@ -68,6 +68,7 @@ _LONGEST_TERMINAL_HOURS = 24 * max(TERMINAL_WINDOWS_DAYS)
 # their first features back (the card keeps that much history beyond the lookback).
 REDELIVERY_US = DAY_US
 _KEEP_US = CARD_LOOKBACK_US + REDELIVERY_US
+_RENEW_S = 86_400.0  # a worker renews a card key's TTL at most daily (wall clock)
 TRIM_SLACK_US = 7 * DAY_US  # records older than kept linger up to this long (memory vs CPU)
 # refreshed by every write: an idle card expires whole
 _CARD_TTL_MS = (_KEEP_US + TRIM_SLACK_US) // 1000
@@ -78,18 +79,22 @@ _LOG_MAXLEN = 4096  # label-log entries kept (one per applied label batch)
 _LOG_READ = 1024  # entries read per batch; more means "too far behind": reload instead
 _LOW32 = (1 << 32) - 1
 
-# One batch's writes, atomically. KEYS: cards to append to, cards to trim (or replace),
-# then one terminal bucket per event hour. ARGV: n_append, n_trim, card TTL (ms), bucket
-# TTL (s); per appended card its new records; per trimmed card the bytes to drop from its
+# One batch's writes, atomically. KEYS: cards to append to (the first n_expire also get
+# their TTL renewed), cards to trim (or replace), then one terminal bucket per event hour.
+# ARGV: n_expire, n_append, n_trim, card TTL (ms), bucket TTL (s); per appended card its
+# new records; per trimmed card the bytes to drop from its
 # start (-1: replace the value) and its new records; per hour its "terminal\tcount" chunk.
 # Trimming happens here, so only new records cross the network.
 _WRITE_BATCH = """
-local na, nt, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-for i = 1, na do
-  redis.call('APPEND', KEYS[i], ARGV[i + 4])
+local ne, na, nt, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+for i = 1, ne do
+  redis.call('APPEND', KEYS[i], ARGV[i + 5])
   redis.call('PEXPIRE', KEYS[i], ttl)
 end
-local a = na + 5
+for i = ne + 1, na do
+  redis.call('APPEND', KEYS[i], ARGV[i + 5])
+end
+local a = na + 6
 for i = na + 1, na + nt do
   local cut = tonumber(ARGV[a])
   local kept = ''
@@ -99,7 +104,7 @@ for i = na + 1, na + nt do
 end
 for k = na + nt + 1, #KEYS do
   redis.call('RPUSH', KEYS[k], ARGV[a])
-  redis.call('EXPIRE', KEYS[k], ARGV[4])
+  redis.call('EXPIRE', KEYS[k], ARGV[5])
   a = a + 1
 end
 return na + nt
@@ -259,12 +264,14 @@ class _TerminalWindows:
 
     def idx(self, terminals: Sequence[str]) -> np.ndarray:
         index = self.index
-        new = [t for t in dict.fromkeys(terminals) if t not in index]
-        if new:
+        found = list(map(index.get, terminals))
+        if None in found:
+            new = [t for t in dict.fromkeys(terminals) if t not in index]
             index.update(zip(new, range(len(self.names), len(self.names) + len(new)),
                              strict=True))
             self.names.extend(new)
-        return np.fromiter((index[t] for t in terminals), dtype=np.int64, count=len(terminals))
+            found = list(map(index.__getitem__, terminals))
+        return np.array(found, dtype=np.int64)
 
     def clear(self) -> None:
         self.buckets.clear()
@@ -404,6 +411,7 @@ class RedisFeatureStore:
         # is eviction order); cards whose Redis copy was not whole records are replaced
         self._cards: dict[str, bytes] = {}
         self._replace: set[str] = set()
+        self._renewed: dict[str, float] = {}  # card → when its key's TTL was last renewed
         self._cache_cards = cache_cards
         self._terminals = _TerminalWindows(terminal_refresh_s)
         self._card_labels = _Counters(cache_labels)
@@ -422,6 +430,7 @@ class RedisFeatureStore:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
         self._cards.clear()
         self._replace.clear()
+        self._renewed.clear()
 
     def exchange_progress(self, topic: str, mine: dict[int, tuple[int, bool]],
                           fresh_s: float = 60.0) -> dict[int, tuple[int, bool]]:
@@ -595,6 +604,7 @@ class RedisFeatureStore:
             for card in list(self._cards)[: excess + self._cache_cards // 10]:
                 del self._cards[card]
                 self._replace.discard(card)
+                self._renewed.pop(card, None)
 
     def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_card: np.ndarray,
                  stored: np.ndarray, hist_card: np.ndarray, term_idx: np.ndarray,
@@ -664,6 +674,10 @@ class RedisFeatureStore:
         trim_args: list[bytes | int] = []
         updated: dict[str, bytes] = {}
         cache, replace = self._cards, self._replace
+        renewed, now = self._renewed, time.monotonic()
+        ttl_known: list[bool] = []
+        append_cards: list[str] = []
+        trim_cards: list[str] = []
         touched = np.flatnonzero(bounds[1:] > bounds[:-1])
         starts = bounds[touched]
         # per written card: where its new records start and end, and the newest's time
@@ -680,19 +694,25 @@ class RedisFeatureStore:
             if blob and int.from_bytes(blob[:8], "little", signed=True) <= before:
                 cut = _aged_records(blob, before + TRIM_SLACK_US) * size
                 trim_keys.append(prefix + card + "}")
+                trim_cards.append(card)
                 updated[card] = blob[cut:] + added
                 trim_args += [-1, updated[card]] if card in replace else [cut, added]
             elif card in replace:
                 trim_keys.append(prefix + card + "}")
+                trim_cards.append(card)
                 trim_args += [-1, blob + added]
                 updated[card] = blob + added
             else:
                 keys.append(prefix + card + "}")
                 args.append(added)
+                append_cards.append(card)
                 updated[card] = blob + added
-        header = [len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S]
-        keys += trim_keys
-        args += trim_args
+                ttl_known.append(now - renewed.get(card, -_RENEW_S) < _RENEW_S)
+        renew_cards = [c for c, known in zip(append_cards, ttl_known, strict=True) if not known]
+        header = [len(renew_cards), len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S]
+        order_keys = np.argsort(ttl_known, kind="stable").tolist()  # renewals first
+        keys = [keys[i] for i in order_keys] + trim_keys
+        args = [args[i] for i in order_keys] + trim_args
         hours = hours_of(new["t_us"])
         names = self._terminals.names
         written: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -709,9 +729,12 @@ class RedisFeatureStore:
         except redis.RedisError as exc:
             for card in cards:  # our cache may now be ahead of Redis: reload next time
                 self._cards.pop(card, None)
+                self._renewed.pop(card, None)
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
         self._cards.update(updated)
         self._replace.difference_update(updated)
+        renewed.update(dict.fromkeys(renew_cards, now))
+        renewed.update(dict.fromkeys(trim_cards, now))
         for hour, idx, counts in written:
             self._terminals.add_counts(hour, idx, counts)
 
@@ -880,7 +903,7 @@ def _check(batch: EventBatch) -> None:
         raise InvalidEvent(f"row {i}: amount must be a finite number > 0")
     for name, values in (("transaction_id", batch.transaction_ids), ("card", batch.cards),
                          ("terminal", batch.terminals)):
-        if all(type(v) is str and v for v in values):
+        if set(map(type, values)) <= {str} and not any(v == "" for v in values):
             continue
         i = next(i for i, v in enumerate(values) if not isinstance(v, str) or not v)
         raise InvalidEvent(f"row {i}: missing {name}")
