@@ -21,6 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
@@ -37,8 +38,21 @@ N_EVENTS = 12_000
 KILLS = 6
 
 
+@pytest.fixture(autouse=True)
+def _no_orphans() -> Iterator[None]:
+    """A failed test leaves no worker behind to eat the CPU of the tests after it."""
+    yield
+    while Worker.started:
+        proc = Worker.started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 class Worker:
     """`fraudscore run --engine faust` processes of one test, on its own topics."""
+
+    started: ClassVar[list[subprocess.Popen[bytes]]] = []  # killed after each test (_no_orphans)
 
     def __init__(self, kafka: str, redis_url: str, model: ModelRef, unique,
                  keys_env: dict[str, str], tmp: Path) -> None:
@@ -67,10 +81,12 @@ class Worker:
     def start(self, worker_id: int = 0, **env: str) -> subprocess.Popen[bytes]:
         self.n_started += 1
         log = (self.tmp / f"worker-{self.n_started}.log").open("wb")
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "app", "run", "--engine", "faust",
              "--worker-id", str(worker_id)],
             env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
+        Worker.started.append(proc)
+        return proc
 
     def output_end(self) -> int:
         """High watermark of the scores topic: moves as a worker produces."""
