@@ -147,7 +147,7 @@ class AuditLog:
         self._last_checkpoint = time.monotonic()
         self._head: tuple[int, str] | None = None  # (next seq, last hash); None: not read
         self._confirmed: tuple[int, str] | None = None
-        self._pending: list[Pending] = []
+        self._pending: list[list[Pending]] = []  # per batch not yet committed, oldest first
 
     # -- head ------------------------------------------------------------------------------
 
@@ -205,7 +205,9 @@ class AuditLog:
         signed = canonical(body)
         digest = self.signer.sign(signed)
         line = signed[:-1] + b',"hash":"' + digest.encode() + b'"}'
-        self._pending.append(Pending(seq, digest, line))
+        if not self._pending:
+            self._pending.append([])
+        self._pending[-1].append(Pending(seq, digest, line))
         self._head = (seq + 1, digest)
         return line
 
@@ -230,14 +232,17 @@ class AuditLog:
 
     # -- transaction boundaries ------------------------------------------------------------
 
-    def begin(self) -> None:
-        """A new batch starts: whatever the previous one wrote was committed."""
-        if self._pending:
+    def begin(self, in_flight: int = 0) -> None:
+        """A new batch starts: the batches before it committed, except the last
+        `in_flight` ones, whose transactions an engine is still committing."""
+        while len(self._pending) > in_flight:
             self.confirm()
+        self._pending.append([])
 
     def confirm(self) -> None:
-        """The batch's transaction committed: copy its records to the file, move the head."""
-        pending, self._pending = self._pending, []
+        """The oldest pending batch's transaction committed: copy its records to the file,
+        move the confirmed head past them."""
+        pending = self._pending.pop(0) if self._pending else []
         if pending and self._file is not None:
             append_lines(self._file, [p.line for p in pending])
         if pending:
@@ -250,13 +255,15 @@ class AuditLog:
                     {"writer_id": self.writer_id, "seq": seq - 1, "hash": prev}))
 
     def rollback(self) -> None:
-        """The batch's transaction aborted: its records never happened; rewind the head."""
+        """A batch's transaction aborted: its records, and those of any batch after it,
+        never happened; rewind the head to the last committed record."""
         self._pending = []
         self._head = self._confirmed
 
     def close(self) -> None:
-        """Shutdown after a committed batch: confirm what is pending."""
-        self.confirm()
+        """Shutdown after the last batch committed: confirm what is pending."""
+        while self._pending:
+            self.confirm()
 
 
 # ---- files ------------------------------------------------------------------------------

@@ -527,23 +527,26 @@ class Scorer:
         self.redactor.cipher = cipher
 
     def batch_committed(self) -> None:
-        """The engine committed the last batch's transaction (optional: implied by the next
-        `process`): its audit records become the chain's durable head."""
+        """The engine committed the oldest uncommitted batch's transaction (optional:
+        implied by the next `process`): its audit records become the chain's durable head."""
         if self.audit is not None:
             self.audit.confirm()
 
     def batch_aborted(self) -> None:
-        """The engine aborted the last batch's transaction: forget its audit records, so
-        the chain continues from the last committed one. Engines that abort must call it."""
+        """The engine aborted a batch's transaction: forget the audit records of every
+        uncommitted batch, so the chain continues from the last committed one (the engine
+        reads them all again). Engines that abort must call it."""
         if self.audit is not None:
             self.audit.rollback()
 
-    def process(self, records: Sequence[InputRecord], fail_open: bool = False) -> BatchResult:
+    def process(self, records: Sequence[InputRecord], fail_open: bool = False,
+                in_flight: int = 0) -> BatchResult:
         """Score a batch. With `fail_open`, a Redis outage does not stop scoring: features
         fall back to :func:`default_features`, feature state is not updated, and every
-        output of the batch says ``fail_open: true``."""
+        output of the batch says ``fail_open: true``. `in_flight`: how many earlier batches
+        the engine is still committing (their audit records stay unconfirmed)."""
         if self.audit is not None:
-            self.audit.begin()
+            self.audit.begin(in_flight)
         if self.key_watcher is not None:
             self.key_watcher.poll()
         with STAGE_SECONDS.labels("decode").time():
@@ -595,15 +598,15 @@ class Scorer:
                            n_alerts, features, scores.anomaly, batch.events.t_us, opened,
                            sources)
 
-    def process_mixed(self, records: Sequence[InputRecord], fail_open: bool = False
-                      ) -> BatchResult:
+    def process_mixed(self, records: Sequence[InputRecord], fail_open: bool = False,
+                      in_flight: int = 0) -> BatchResult:
         """A batch polled from both topics: its labels take effect first, then its
         transactions are scored in order (what the file engine and replay assume too).
         Labels cannot be applied fail-open: an outage then fails the whole batch."""
         labels = [r for r in records if r.topic == self.topics.labels]
         txs = [r for r in records if r.topic != self.topics.labels]
         label_result = self.process_labels(labels) if labels else None
-        result = self.process(txs, fail_open)
+        result = self.process(txs, fail_open, in_flight)
         if label_result is not None:
             result.outputs[:0] = label_result.outputs
             result.dead[:0] = label_result.dead

@@ -4,6 +4,11 @@ Each batch is one Kafka transaction holding its alerts, scores and dead letters 
 consumer offsets (``send_offsets_to_transaction`` with the group metadata), so a crash
 anywhere yields neither loss nor duplicates for ``read_committed`` readers, and a zombie
 worker with the same ``transactional.id`` is fenced.
+
+Commits are pipelined: a batch's ``commit_transaction`` (broker round trips, ~10 ms) runs
+on a thread while the next batch is consumed and scored; that batch's transaction begins
+once the commit is back. When a commit fails, both batches are read again (the feature
+store gives redelivered events their first features, so the scores do not change).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +70,15 @@ class EngineStats:
     fail_open: int = 0
 
 
+@dataclass
+class _InFlight:
+    """A batch whose transaction is committing on the commit thread."""
+
+    records: list[InputRecord]
+    result: BatchResult
+    commit: Future[None]
+
+
 class ConfluentEngine:
     """One worker: a consumer in the group and a transactional producer of its own."""
 
@@ -94,6 +109,9 @@ class ConfluentEngine:
         self._event_us: dict[tuple[str, int], int] = {}  # latest event time per partition
         self._held: set[tuple[str, int]] = set()  # partitions paused for running ahead
         self._skew_us = int(settings.max_partition_skew_s * 1e6)
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="fraudscore-commit")
+        self._in_flight: _InFlight | None = None
+        self._drift: metrics.ScoreDrift | None = None
 
     def _new_producer(self) -> Producer:
         return Producer({
@@ -111,7 +129,7 @@ class ConfluentEngine:
         metrics.READY.set(1)
         model = self.scorer.model
         metrics.MODEL_INFO.labels(model.version, model.tree_backend, model.device).set(1)
-        drift = metrics.ScoreDrift(model.manifest.get("score_quantiles") or [])
+        self._drift = metrics.ScoreDrift(model.manifest.get("score_quantiles") or [])
         # Labels ride along: a batch's labels update feature state before its transactions
         # are scored, and their offsets commit in the same transaction.
         self._consumer.subscribe(
@@ -124,18 +142,20 @@ class ConfluentEngine:
                 messages = self._consumer.consume(self.settings.batch_size, timeout)
                 records = self._records(messages)
                 if records:
-                    result = self._process_with_retry(records, stop)
-                    if result is not None:
-                        drift.observe(result.scores)
-                        self._align(result)
+                    self._process_with_retry(records, stop)
                 else:
-                    if self._held:
+                    failed = self._settle()
+                    if failed:
+                        self._retry(stop, failed)
+                    elif self._held:
                         self._align(None)  # the slow partitions may have caught up
                     if time.monotonic() - self._last_activity > IDLE_PING_S:
                         self._idle_check()
+            self._settle()  # a failed last commit is read again by the next owner
         finally:
             metrics.READY.set(0)
             self.ready = (False, "stopped")
+            self._committer.shutdown(wait=True)
             self._consumer.close()
             self._producer.flush(10)
         return self.stats
@@ -148,7 +168,9 @@ class ConfluentEngine:
             consumer.resume(partitions)
 
     def _on_rebalance(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Cards may have moved to or from another worker: drop the cached card state."""
+        """Cards may have moved to or from another worker: drop the cached card state. The
+        batch committing finishes first (if it fails, the next owner reads it again)."""
+        self._settle(align=False)
         self.scorer.store.invalidate()
         self._event_us.clear()
         self._held.clear()  # a new assignment starts unpaused
@@ -240,44 +262,78 @@ class ConfluentEngine:
         self.ready = (ok, why)
         metrics.READY.set(1 if ok else 0)
 
-    def _process_with_retry(self, records: list[InputRecord], stop: threading.Event
-                            ) -> BatchResult | None:
-        """Score and commit; on a Redis outage or an abortable Kafka error, rewind the batch,
-        pause consumption while backing off (still polling, so the group keeps this worker),
-        and let the batch come back. A fatal producer error (fenced, or the broker lost the
+    def _process_with_retry(self, records: list[InputRecord], stop: threading.Event) -> None:
+        """Score the batch while the previous one commits, then start its own commit. On
+        a Redis outage or an abortable Kafka error, rewind what is not committed, pause
+        consumption while backing off (still polling, so the group keeps this worker),
+        and let it come back. A fatal producer error (fenced, or the broker lost the
         producer's state) recreates the producer, which aborts whatever it left open."""
         self._last_activity = time.monotonic()
         metrics.BATCH_SIZE.observe(len(records))
+        in_flight = 1 if self._in_flight is not None else 0
         try:
-            result = self.scorer.process_mixed(records, fail_open=self.settings.fail_open)
-            with metrics.STAGE_SECONDS.labels("commit").time():
-                self._commit(result.outputs, records)
+            result = self.scorer.process_mixed(records, fail_open=self.settings.fail_open,
+                                               in_flight=in_flight)
         except FeatureStoreUnavailable as exc:
+            failed = self._settle()
             self.scorer.batch_aborted()  # the audit chain head rolls back with the batch
             log.warning("feature store unavailable, pausing %.1fs: %s", self._backoff, exc)
             self._set_ready(False, f"redis unavailable: {exc}")
             metrics.RETRIES.labels("feature_store").inc()
-        except KafkaException as exc:
+            self._retry(stop, [*(failed or []), *records])
+            return
+        failed = self._settle()
+        if failed:  # this batch was scored after a batch that did not commit: both again
             self.scorer.batch_aborted()
-            err = exc.args[0]
-            metrics.RETRIES.labels("kafka").inc()
-            if err.fatal():
-                log.error("fatal producer error (%s); recreating the producer", err)
-                self._restart_producer()
-            elif err.txn_requires_abort() or err.retriable():
-                log.warning("transaction failed (%s); aborting, the batch will be retried",
-                            err)
-                self._abort()
-            else:
-                raise
+            self._retry(stop, [*failed, *records])
+            return
+        with metrics.STAGE_SECONDS.labels("commit").time():
+            try:
+                commit = self._start_commit(result.outputs, records)
+            except KafkaException as exc:
+                self._kafka_failed(exc)
+                self._retry(stop, records)
+                return
+        self._in_flight = _InFlight(records, result, commit)
+
+    def _settle(self, align: bool = True) -> list[InputRecord] | None:
+        """Wait for the batch in flight to commit; its records when it did not (the audit
+        records of every uncommitted batch are then forgotten), else None."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return None
+        with metrics.STAGE_SECONDS.labels("commit").time():  # the wait only, not the overlap
+            try:
+                in_flight.commit.result()
+            except KafkaException as exc:
+                self._kafka_failed(exc)
+                return in_flight.records
+        self.scorer.batch_committed()
+        self._committed(in_flight.records, in_flight.result)
+        if self._drift is not None:
+            self._drift.observe(in_flight.result.scores)
+        if align:
+            self._align(in_flight.result)
+        return None
+
+    def _kafka_failed(self, exc: KafkaException) -> None:
+        """Abort the transaction (or recreate the producer) after a failed Kafka step."""
+        self.scorer.batch_aborted()
+        err = exc.args[0]
+        metrics.RETRIES.labels("kafka").inc()
+        if err.fatal():
+            log.error("fatal producer error (%s); recreating the producer", err)
+            self._restart_producer()
+        elif err.txn_requires_abort() or err.retriable():
+            log.warning("transaction failed (%s); aborting, the batch will be retried", err)
+            self._abort()
         else:
-            self.scorer.batch_committed()
-            self._committed(records, result)
-            return result
+            raise exc
+
+    def _retry(self, stop: threading.Event, records: Sequence[InputRecord]) -> None:
         self.stats.retries += 1
         self._pause_for(self._backoff, stop, records)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
-        return None
 
     def _committed(self, records: list[InputRecord], result: BatchResult) -> None:
         self.stats.batches += 1
@@ -327,13 +383,15 @@ class ConfluentEngine:
                 except KafkaException as exc:  # no longer assigned: its new owner re-reads it
                     log.info("seek %s[%d] skipped: %s", topic, partition, exc.args[0])
 
-    def _commit(self, outputs: Sequence[Output], records: Sequence[InputRecord]) -> None:
+    def _start_commit(self, outputs: Sequence[Output], records: Sequence[InputRecord]
+                      ) -> Future[None]:
         """Outputs and input offsets in one transaction.
 
         Step 1: begin the transaction.
         Step 2: produce every output of the batch.
         Step 3: add the next offset (last processed + 1) of each partition.
-        Step 4: commit; librdkafka flushes the outputs first.
+        Step 4: commit on the commit thread; librdkafka flushes the outputs first. Nothing
+        touches the producer until the returned future is done.
         """
         # Step 1
         self._producer.begin_transaction()
@@ -350,7 +408,7 @@ class ConfluentEngine:
             TXN_TIMEOUT_S,
         )
         # Step 4
-        self._producer.commit_transaction(TXN_TIMEOUT_S)
+        return self._committer.submit(self._producer.commit_transaction, TXN_TIMEOUT_S)
 
     def _produce(self, out: Output) -> None:
         while True:

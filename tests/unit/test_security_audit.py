@@ -124,6 +124,34 @@ def test_rollback_forgets_an_aborted_batch_and_the_file_gets_only_committed(
     assert json.loads(more)["seq"] == 4 and check([raw for _, raw in file_records(path)]) is None
 
 
+def test_pipelined_batches_confirm_oldest_first_and_an_abort_forgets_both(
+        tmp_path: Path) -> None:
+    """The confluent engine scores batch N+1 while N commits: N+1's begin must not confirm
+    N, a commit confirms only the oldest batch, and an abort forgets every uncommitted one."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog("w1", SIGNER, file=path)
+
+    def rec(name: str) -> bytes:
+        return log.record(actor="a", action="x", outcome="success", object_type="t",
+                          object_id=name)
+
+    log.begin()
+    n0 = rec("n0")
+    log.begin(in_flight=1)  # n0 still committing
+    assert not path.exists()
+    rec("n1")
+    log.confirm()  # n0 committed; n1 still pending
+    assert [raw for _, raw in file_records(path)] == [n0]
+    log.begin(in_flight=1)
+    rec("n2-lost")
+    log.rollback()  # n1's commit failed: n1 and n2 are read again
+    log.begin()
+    again = [rec("n1"), rec("n2")]
+    log.close()
+    assert [json.loads(r)["seq"] for r in again] == [1, 2] and check([n0, *again]) is None
+    assert [raw for _, raw in file_records(path)] == [n0, *again]
+
+
 def test_restart_refuses_a_tampered_or_foreign_head(tmp_path: Path) -> None:
     head = json.loads(chain(2)[-1])
     head["score"] = 9.9
