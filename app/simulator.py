@@ -229,17 +229,36 @@ def _ragged_arange(counts: np.ndarray) -> np.ndarray:
 
 
 def _reachable(people: _Customers, shops: _Terminals) -> _Reach:
-    """Terminals within RADIUS of each home, found via a grid of RADIUS-sized cells."""
+    """Terminals within RADIUS of each home, found via a grid of RADIUS-sized cells; in
+    chunks of customers, so the candidate pairs stay small (about customers x terminals /
+    44 of them: 10 GB at once for 130k customers and 260k terminals)."""
     cells = int(np.ceil(GRID_SIZE / RADIUS))
     shop_cell = _cell(shops.x, cells) * cells + _cell(shops.y, cells)
     by_cell = np.argsort(shop_cell, kind="stable")
     per_cell = np.bincount(shop_cell, minlength=cells * cells)
     cell_start = np.cumsum(per_cell) - per_cell
+    n = people.x.size
+    step = max(1, _PAIRS_PER_CHUNK * cells * cells // (9 * max(1, shops.x.size)))
+    chunks = [_near(people, shops, a, min(a + step, n), cells, by_cell, per_cell, cell_start)
+              for a in range(0, n, step)]
+    customer = np.concatenate([c for c, _ in chunks]) if chunks else np.empty(0, np.int64)
+    terminal = np.concatenate([t for _, t in chunks]) if chunks else np.empty(0, np.int64)
+    count = np.bincount(customer, minlength=n)
+    return _Reach(start=np.cumsum(count) - count, count=count, terminal=terminal)
+
+
+_PAIRS_PER_CHUNK = 20_000_000
+
+
+def _near(people: _Customers, shops: _Terminals, a: int, b: int, cells: int,
+          by_cell: np.ndarray, per_cell: np.ndarray, cell_start: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(customer, terminal) pairs within RADIUS for customers a..b, customer-major."""
     shift = np.array([-1, 0, 1])
-    near_x = _cell(people.x, cells)[:, None, None] + shift[None, :, None]
-    near_y = _cell(people.y, cells)[:, None, None] + shift[None, None, :]
+    near_x = _cell(people.x[a:b], cells)[:, None, None] + shift[None, :, None]
+    near_y = _cell(people.y[a:b], cells)[:, None, None] + shift[None, None, :]
     inside = (near_x >= 0) & (near_x < cells) & (near_y >= 0) & (near_y < cells)
-    owner = np.broadcast_to(np.arange(people.x.size)[:, None, None], inside.shape)[inside]
+    owner = np.broadcast_to(np.arange(a, b)[:, None, None], inside.shape)[inside]
     cell = (near_x * cells + near_y)[inside]
     sizes = per_cell[cell]
     customer = np.repeat(owner, sizes)
@@ -247,9 +266,7 @@ def _reachable(people: _Customers, shops: _Terminals) -> _Reach:
     close = (people.x[customer] - shops.x[terminal]) ** 2 + (
         people.y[customer] - shops.y[terminal]
     ) ** 2 <= RADIUS**2
-    customer, terminal = customer[close], terminal[close]
-    count = np.bincount(customer, minlength=people.x.size)
-    return _Reach(start=np.cumsum(count) - count, count=count, terminal=terminal)
+    return customer[close], terminal[close]
 
 
 def _cell(coordinate: np.ndarray, cells: int) -> np.ndarray:
