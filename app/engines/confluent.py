@@ -36,6 +36,7 @@ log = logging.getLogger("fraudscore.engine")
 TXN_TIMEOUT_S = 30.0
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
+RESTART_ATTEMPTS = 5
 IDLE_PING_S = 5.0  # when no events arrive, check Redis this often so /readyz stays truthful
 _UNKNOWN = -(2**62)
 
@@ -157,7 +158,10 @@ class ConfluentEngine:
             self.ready = (False, "stopped")
             self._committer.shutdown(wait=True)
             self._consumer.close()
-            self._producer.flush(10)
+            try:
+                self._producer.flush(10)
+            except KafkaException as exc:  # fenced or failed at the end: nothing is lost
+                log.warning("producer not flushed at shutdown: %s", exc.args[0])
         return self.stats
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -291,7 +295,7 @@ class ConfluentEngine:
             try:
                 commit = self._start_commit(result.outputs, records)
             except KafkaException as exc:
-                self._kafka_failed(exc)
+                self._kafka_failed(exc, "starting the commit")
                 self._retry(stop, records)
                 return
         self._in_flight = _InFlight(records, result, commit)
@@ -306,7 +310,7 @@ class ConfluentEngine:
             try:
                 in_flight.commit.result()
             except KafkaException as exc:
-                self._kafka_failed(exc)
+                self._kafka_failed(exc, "committing")
                 return in_flight.records
         self.scorer.batch_committed()
         self._committed(in_flight.records, in_flight.result)
@@ -316,19 +320,21 @@ class ConfluentEngine:
             self._align(in_flight.result)
         return None
 
-    def _kafka_failed(self, exc: KafkaException) -> None:
-        """Abort the transaction (or recreate the producer) after a failed Kafka step."""
+    def _kafka_failed(self, exc: KafkaException, step: str) -> None:
+        """Abort the transaction after an abortable or retriable error; after anything else
+        (fatal, or an error librdkafka does not classify, such as ``_FATAL`` from
+        ``produce`` on a producer already fenced) recreate the producer, which aborts
+        whatever it left open. The batch is read again either way."""
         self.scorer.batch_aborted()
         err = exc.args[0]
         metrics.RETRIES.labels("kafka").inc()
-        if err.fatal():
-            log.error("fatal producer error (%s); recreating the producer", err)
-            self._restart_producer()
-        elif err.txn_requires_abort() or err.retriable():
-            log.warning("transaction failed (%s); aborting, the batch will be retried", err)
+        if not err.fatal() and (err.txn_requires_abort() or err.retriable()):
+            log.warning("transaction failed %s (%s); aborting, the batch will be retried",
+                        step, err)
             self._abort()
         else:
-            raise exc
+            log.error("fatal producer error %s (%s); recreating the producer", step, err)
+            self._restart_producer()
 
     def _retry(self, stop: threading.Event, records: Sequence[InputRecord]) -> None:
         self.stats.retries += 1
@@ -351,10 +357,19 @@ class ConfluentEngine:
             self._set_ready(True, "ok")
 
     def _restart_producer(self) -> None:
+        """A new producer with the same transactional.id; its init fences the old one."""
         with contextlib.suppress(KafkaException):
             self._producer.flush(1)
-        self._producer = self._new_producer()
-        self._producer.init_transactions(TXN_TIMEOUT_S)
+        for attempt in range(RESTART_ATTEMPTS):
+            self._producer = self._new_producer()
+            try:
+                self._producer.init_transactions(TXN_TIMEOUT_S)
+                break
+            except KafkaException as exc:  # e.g. fenced again while initialising
+                if attempt == RESTART_ATTEMPTS - 1:
+                    raise
+                log.warning("producer init failed (%s); trying again", exc.args[0])
+                time.sleep(BACKOFF_START_S * 2**attempt)
         self.stats.producer_restarts += 1
         metrics.PRODUCER_RESTARTS.inc()
 

@@ -196,3 +196,41 @@ def test_two_workers_joining_and_leaving_mid_stream(
         a.send_signal(signal.SIGTERM)
         assert a.wait(60) == 0, svc.logs()
     check_exactly_once_and_equal(scores, expected, svc.logs())
+
+
+def test_fenced_producer_mid_stream_loses_and_duplicates_nothing(
+    kafka_bootstrap: str, redis_url: str, model: ModelRef, stream: pd.DataFrame, unique,
+    keys_env: dict[str, str], tmp_path: Path,
+) -> None:
+    """A zombie-fencing producer with the worker's transactional.id, at random points: the
+    worker's next Kafka step fails (begin, produce, offsets, or the commit running while the
+    next batch is scored), it recreates its producer and reads what did not commit again."""
+    from confluent_kafka import Producer
+
+    n = 40_000
+    part = stream.iloc[:n]
+    svc = Service(kafka_bootstrap, redis_url, model, unique, keys_env, tmp_path)
+    expected = expected_scores(part, model, base64.b64decode(keys_env["FRAUDSCORE_TOKEN_KEY"]))
+    produce(kafka_bootstrap, svc.topics["transactions"], items_of(part))
+    txn_id = f"{svc.env['FRAUDSCORE_GROUP_ID']}-worker-0"
+    rng = random.Random(5)
+    worker = svc.start(0)
+    try:
+        deadline = time.monotonic() + 90
+        while svc.output_end() == 0 and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # it scores: fence it at random points from now on
+        for _ in range(5):  # each fence once the worker has produced since the last one
+            time.sleep(rng.uniform(0.05, 0.3))
+            Producer({"bootstrap.servers": kafka_bootstrap,
+                      "transactional.id": txn_id}).init_transactions(30)
+            fenced_at = svc.output_end()
+            deadline = time.monotonic() + 60
+            while svc.output_end() == fenced_at and time.monotonic() < deadline:
+                time.sleep(0.05)
+        scores = svc.read_outputs(n)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, svc.logs()
+    log = (tmp_path / "worker-1.log").read_text(errors="replace")
+    assert log.count("recreating the producer") >= 3, svc.logs()
+    check_exactly_once_and_equal(scores, expected, svc.logs())
