@@ -37,6 +37,7 @@ TXN_TIMEOUT_S = 30.0
 BACKOFF_START_S = 0.2
 BACKOFF_MAX_S = 5.0
 RESTART_ATTEMPTS = 5
+COMMIT_ATTEMPTS = 2  # a commit that times out is resumed once, then aborted
 IDLE_PING_S = 5.0  # when no events arrive, check Redis this often so /readyz stays truthful
 _UNKNOWN = -(2**62)
 
@@ -423,7 +424,7 @@ class ConfluentEngine:
             TXN_TIMEOUT_S,
         )
         # Step 4
-        return self._committer.submit(self._producer.commit_transaction, TXN_TIMEOUT_S)
+        return self._committer.submit(_commit, self._producer)
 
     def _produce(self, out: Output) -> None:
         while True:
@@ -434,14 +435,31 @@ class ConfluentEngine:
                 self._producer.poll(0.05)  # queue full: let deliveries drain
 
     def _abort(self) -> None:
+        """Abort the open transaction. A producer that cannot (fatal error, a commit still
+        in progress after its timeout, an abort timing out) is replaced: the new one's init
+        fences it and aborts what it left open. Anything else would wedge the worker, every
+        later begin failing with the same conflict."""
         try:
             self._producer.abort_transaction(TXN_TIMEOUT_S)
         except KafkaException as exc:
-            log.warning("abort failed: %s", exc.args[0])
-            if exc.args[0].fatal():
-                self._restart_producer()
+            log.warning("abort failed (%s); recreating the producer", exc.args[0])
+            self._restart_producer()
         self.stats.aborts += 1
         metrics.TRANSACTIONS.labels("abort").inc()
+
+
+def _commit(producer: Producer) -> None:
+    """``commit_transaction``, resumed once after a timeout: a retriable error means the
+    commit is still under way, and calling again continues it (librdkafka's contract)."""
+    for attempt in range(COMMIT_ATTEMPTS):
+        try:
+            producer.commit_transaction(TXN_TIMEOUT_S)
+            return
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or attempt == COMMIT_ATTEMPTS - 1:
+                raise
+            log.warning("commit not done after %.0fs (%s); resuming it", TXN_TIMEOUT_S,
+                        exc.args[0])
 
 
 def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,
