@@ -45,7 +45,7 @@ def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-_DOUBLED = str.maketrans("0123456789", "0246813579")  # 2·d with its digits summed
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2·d with its digits summed
 
 
 def luhn_ok(digits: str) -> bool:
@@ -53,8 +53,8 @@ def luhn_ok(digits: str) -> bool:
     if len(digits) < 2 or not digits.isascii() or not digits.isdigit():
         return False
     # every second digit from the right doubled; byte sums run in C (48 = ord("0"))
-    total = sum(digits[-1::-2].encode()) + sum(digits[-2::-2].translate(_DOUBLED).encode())
-    return (total - 48 * len(digits)) % 10 == 0
+    raw = digits.encode()
+    return (sum(raw[-1::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
 
 
 def _check_pan(value: str) -> str:
