@@ -174,3 +174,20 @@ def test_events_from_the_future_are_dead_lettered() -> None:
     txs, _, dead = decode([rec(future, 0), rec(now, 1)], max_bytes=4096, max_future_s=300)
     assert len(txs) == 1 and dead[0].record.offset == 0
     assert "in the future" in dead[0].reason
+
+
+def _luhn_reference(digits: str) -> bool:
+    """The textbook algorithm, digit by digit."""
+    if len(digits) < 2 or not all(c in "0123456789" for c in digits):
+        return False
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+@settings(max_examples=2000)
+@given(st.text(alphabet="0123456789", max_size=22) | st.text(max_size=6))
+def test_luhn_matches_the_textbook_algorithm(digits: str) -> None:
+    assert luhn_ok(digits) == _luhn_reference(digits)
