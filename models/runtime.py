@@ -166,7 +166,9 @@ class ModelRuntime:
                 import lightgbm as lgb  # slow to import; only alerts need it
 
                 self._booster = lgb.Booster(model_file=str(self.ref.path / BOOSTER))
-        contrib = self._booster.predict(self._clean(x), pred_contrib=True)
+        # one thread, as everywhere in a streaming worker: OpenMP's second thread waits on
+        # a busy core for milliseconds per call on a shared machine
+        contrib = self._booster.predict(self._clean(x), pred_contrib=True, num_threads=1)
         return np.asarray(contrib)[:, :-1]  # last column is the bias
 
 
