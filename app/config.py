@@ -1,6 +1,6 @@
 """Settings: the only place that reads the environment.
 
-Every setting is ``FRAUDSCORE_<NAME>`` (for example ``FRAUDSCORE_BATCH_SIZE=1000``). Kafka
+Every setting is ``FRAUDSCORE_<NAME>`` (for example ``FRAUDSCORE_BATCH_SIZE=500``). Kafka
 client settings pass through untouched as librdkafka keys in ``FRAUDSCORE_KAFKA_CONFIG``
 (a JSON object), so TLS and SASL need no code here. ``KAFKA_BOOTSTRAP_SERVERS`` and
 ``REDIS_URL`` (printed by ``scripts/stack.sh up``) are honoured as fallbacks.
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     topic_dlq: str = "transactions.dlq"
     topic_audit: str = "audit"
     emit_scores: bool = Field(default=True, description="write every score to the scores topic")
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
     batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 20
     max_event_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
     max_future_skew_s: Annotated[float, Field(ge=0)] = Field(
