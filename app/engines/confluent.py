@@ -110,7 +110,6 @@ class ConfluentEngine:
         self._producer = self._new_producer()
         self._event_us: dict[tuple[str, int], int] = {}  # latest event time per partition
         self._held: set[tuple[str, int]] = set()  # partitions paused for running ahead
-        self._align_due = False  # a new assignment: align before its first batch
         self._skew_us = int(settings.max_partition_skew_s * 1e6)
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="fraudscore-commit")
         self._in_flight: _InFlight | None = None
@@ -142,9 +141,6 @@ class ConfluentEngine:
         timeout = self.settings.batch_timeout_ms / 1000.0
         try:
             while not stop.is_set():
-                if self._align_due:
-                    self._align_due = False
-                    self._align(None)
                 messages = self._consumer.consume(self.settings.batch_size, timeout)
                 records = self._records(messages)
                 if records:
@@ -170,17 +166,20 @@ class ConfluentEngine:
         return self.stats
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """librdkafka keeps a partition's pause flag across an eager rebalance: a partition
-        held for running ahead would stay paused with nobody left to resume it."""
+        """Take the assignment here, then align it before anything is fetched.
+
+        Aligning later (at the next loop turn) was too late: the consume call that ran this
+        callback went on fetching and returned a batch of whichever partition came first.
+        A worker restarted 20 times and killed soon after its first output read one batch
+        of partition 0 per life and never reached partition 2: partition 0 ended 7 days
+        ahead, past the terminal windows' delay, and hundreds of scores came out different.
+        librdkafka keeps a partition's pause flag across an eager rebalance, so the
+        partitions are resumed first (a held one would otherwise stay paused for good)."""
         self._on_rebalance(consumer, partitions)
         if partitions:
+            consumer.assign(partitions)  # the client skips its own assign() after this
             consumer.resume(partitions)
-            # Align before the first batch too (librdkafka assigns after this callback, so
-            # at the next poll): the group's shared progress already says which partitions
-            # ran ahead. Without it every new or restarted worker read a batch or two of
-            # whichever partition it fetched first before holding it, and 20 restarts put
-            # one partition 9 days ahead, past the terminal windows' 7-day delay.
-            self._align_due = True
+            self._align(None)
 
     def _on_rebalance(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Cards may have moved to or from another worker: drop the cached card state. The
