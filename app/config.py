@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     topic_dlq: str = "transactions.dlq"
     topic_audit: str = "audit"
     emit_scores: bool = Field(default=True, description="write every score to the scores topic")
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 500
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 20
     max_event_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
     max_future_skew_s: Annotated[float, Field(ge=0)] = Field(
