@@ -28,6 +28,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from app import metrics
 from app.config import Settings
+from app.engines.workers import tune_gc
 from app.pipeline import BatchResult, InputRecord, Output, Scorer
 from features.online import FeatureStoreUnavailable
 
@@ -482,6 +483,7 @@ def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,
         except OSError as exc:  # scoring matters more than its dashboard
             log.error("metrics port %d unavailable (%s): no /metrics, /healthz, /readyz",
                       settings.metrics_port + worker_id, exc)
+    tune_gc()
     try:
         stats = engine.run(stop)
     finally:

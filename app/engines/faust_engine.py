@@ -41,6 +41,7 @@ from mode import CrashingSupervisor
 from app import metrics
 from app.config import ConfigError, Settings
 from app.engines.confluent import BACKOFF_MAX_S, BACKOFF_START_S, IDLE_PING_S, EngineStats
+from app.engines.workers import tune_gc
 from app.pipeline import BatchResult, InputRecord, Scorer
 from features.online import FeatureStoreUnavailable
 
@@ -327,6 +328,7 @@ def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,
         except OSError as exc:  # scoring matters more than its dashboard
             log.error("metrics port %d unavailable (%s): no /metrics, /healthz, /readyz",
                       settings.metrics_port + worker_id, exc)
+    tune_gc()
     try:
         stats = asyncio.run(engine.run(stop))
     finally:
