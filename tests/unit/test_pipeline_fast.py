@@ -285,6 +285,17 @@ def test_tokens_equal_hmac_sha256_for_every_key_length() -> None:
         assert pickle.loads(pickle.dumps(tokenizer)).token("c-9") == tokenizer.token("c-9")
 
 
+def test_token_memo_stays_bounded_and_exact() -> None:
+    key = os.urandom(32)
+    tokenizer = Tokenizer(key, memo_size=5)
+    values = [f"c-{i % 23}" for i in range(200)]
+    for _ in range(3):  # the memo fills, empties and refills: tokens never change
+        assert tokenizer.tokens(values) == [
+            hmac.new(key, v.encode(), hashlib.sha256).hexdigest()[:32] for v in values]
+        assert len(tokenizer._memo) <= 5 + 23  # at most one batch's values past the bound
+    assert pickle.loads(pickle.dumps(tokenizer))._memo == {}
+
+
 def test_pseudonymise_equals_the_per_row_reference() -> None:
     txs = [Transaction.model_validate_json(good(i)) for i in range(30)]
     tokenizer = Tokenizer(os.urandom(32))
