@@ -105,6 +105,9 @@ class ConfluentEngine:
             "auto.offset.reset": "earliest",
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
+            # eager rebalances (librdkafka's default, pinned): _on_assign takes the whole
+            # assignment with assign(), and every rebalance drops the cached card state
+            "partition.assignment.strategy": "range,roundrobin",
             "statistics.interval.ms": 5000,
             "stats_cb": metrics.update_lag_from_stats,
         })
