@@ -79,22 +79,24 @@ _LOG_MAXLEN = 4096  # label-log entries kept (one per applied label batch)
 _LOG_READ = 1024  # entries read per batch; more means "too far behind": reload instead
 _LOW32 = (1 << 32) - 1
 
-# One batch's writes, atomically. KEYS: cards to append to (the first n_expire also get
-# their TTL renewed), cards to trim (or replace), then one terminal bucket per event hour.
-# ARGV: n_expire, n_append, n_trim, card TTL (ms), bucket TTL (s); per appended card its
-# new records; per trimmed card the bytes to drop from its
-# start (-1: replace the value) and its new records; per hour its "terminal\tcount" chunk.
-# Trimming happens here, so only new records cross the network.
+# One batch's writes, atomically. KEYS: cards to append to, cards to trim (or replace), then
+# one terminal bucket per event hour. ARGV: per appended card "1" (renew its TTL) or "0",
+# the number of appended cards, the number of trimmed ones, card TTL (ms), bucket TTL (s),
+# every appended card's new records in one buffer, their byte lengths ("76 152 ..."); per
+# trimmed card the bytes to drop from its start (-1: replace the value) and its new
+# records; per hour its "terminal\tcount" chunk. Trimming happens here, so only new records
+# cross the network.
 _WRITE_BATCH = """
-local ne, na, nt, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-for i = 1, ne do
-  redis.call('APPEND', KEYS[i], ARGV[i + 5])
-  redis.call('PEXPIRE', KEYS[i], ttl)
+local renew, na, nt, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local blob, pos, i = ARGV[6], 1, 0
+for len in string.gmatch(ARGV[7], '%d+') do
+  i = i + 1
+  local stop = pos + tonumber(len)
+  redis.call('APPEND', KEYS[i], string.sub(blob, pos, stop - 1))
+  if string.byte(renew, i) == 49 then redis.call('PEXPIRE', KEYS[i], ttl) end
+  pos = stop
 end
-for i = ne + 1, na do
-  redis.call('APPEND', KEYS[i], ARGV[i + 5])
-end
-local a = na + 6
+local a = 8
 for i = na + 1, na + nt do
   local cut = tonumber(ARGV[a])
   local kept = ''
@@ -409,7 +411,7 @@ class RedisFeatureStore:
         self._ns = namespace
         # card token → its kept events as CARD_RECORD bytes, as in Redis (insertion order
         # is eviction order); cards whose Redis copy was not whole records are replaced
-        self._cards: dict[str, bytes] = {}
+        self._cards: dict[str, bytearray] = {}
         self._replace: set[str] = set()
         self._renewed: dict[str, float] = {}  # card → when its key's TTL was last renewed
         self._cache_cards = cache_cards
@@ -485,15 +487,15 @@ class RedisFeatureStore:
         blobs = [self._cards[c] for c in cards]
         lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
         stored = np.frombuffer(b"".join(blobs), dtype=CARD_RECORD)
-        hist_card = np.repeat(np.arange(len(cards)), lengths // CARD_RECORD.itemsize)
+        n_rec = lengths // CARD_RECORD.itemsize
+        hist_card = np.repeat(np.arange(len(cards)), n_rec)
 
         tx = transaction_hashes(batch.transaction_ids)
         _, first, inverse = np.unique(tx, return_index=True, return_inverse=True)
         first_of = first[inverse.reshape(-1)]
         is_first = first_of == np.arange(n)
         seen_at = _find_transactions(stored, hist_card, tx, row_card, int(batch.t_us.min()))
-        _refuse_stale(batch.t_us, is_first & (seen_at < 0), row_card, stored["t_us"], lengths
-                      // CARD_RECORD.itemsize)
+        _refuse_stale(batch.t_us, is_first & (seen_at < 0), row_card, stored["t_us"], n_rec)
         out = np.empty((n, N_FEATURES), dtype=np.float64)
         again = np.flatnonzero(is_first & (seen_at >= 0))
         if again.size:
@@ -502,7 +504,10 @@ class RedisFeatureStore:
         if fresh.size:
             new = self._compute(batch, fresh, row_card[fresh], stored, hist_card, term_idx, out)
             new["tx"] = tx[fresh]
-            self._write(row_card[fresh], new, term_idx[fresh], cards)
+            first_t = np.full(len(cards), np.iinfo(np.int64).max, dtype=np.int64)
+            has = n_rec > 0
+            first_t[has] = stored["t_us"][(np.cumsum(n_rec) - n_rec)[has]]
+            self._write(row_card[fresh], new, term_idx[fresh], cards, first_t)
         copies = np.flatnonzero(~is_first)
         out[copies] = out[first_of[copies]]
         return out
@@ -551,7 +556,7 @@ class RedisFeatureStore:
             if missing:
                 for c, blob in zip(missing, replies[k], strict=True):
                     whole = _whole_records(blob)
-                    self._cards[c] = whole
+                    self._cards[c] = bytearray(whole)
                     if blob and not whole:
                         self._replace.add(c)
                 k += 1
@@ -661,67 +666,66 @@ class RedisFeatureStore:
         return new
 
     def _write(self, fresh_card: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
-               cards: list[str]) -> None:
+               cards: list[str], first_t: np.ndarray) -> None:
         """Persist the fresh events and their terminal counts in one atomic script call:
-        per card, its new records appended and the leading records that aged out dropped."""
-        order = np.argsort(fresh_card, kind="stable")
-        bounds = np.searchsorted(fresh_card[order], np.arange(len(cards) + 1))
-        added_all = new[order].tobytes()
+        per card, its new records appended (one buffer for all cards, split server-side),
+        and about once a week the leading records that aged out dropped.
+        `first_t`: per card of `cards`, its oldest cached record's time (int64 max: none)."""
         size = CARD_RECORD.itemsize
-        keys: list[str] = []
-        args: list[bytes | int] = []
+        order = np.argsort(fresh_card, kind="stable")
+        rec = new[order]
+        touched, starts, n_new = np.unique(fresh_card[order], return_index=True,
+                                           return_counts=True)
+        names = [cards[i] for i in touched.tolist()]
+        newest = np.maximum.reduceat(rec["t_us"], starts)
+        # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
+        # a trim rewrites the card server-side, so do it about once a week, not per event
+        trim_before = newest - _KEEP_US - TRIM_SLACK_US
+        special = first_t[touched] <= trim_before
+        if self._replace:
+            special |= np.fromiter((c in self._replace for c in names), dtype=bool,
+                                   count=len(names))
+        append = np.flatnonzero(~special)
+        append_names = [names[i] for i in append.tolist()]
+        prefix = f"{self._ns}:card:{{"
+        keys = [prefix + c + "}" for c in append_names]
+        renewed, now = self._renewed, time.monotonic()
+        get = renewed.get
+        renew = [now - get(c, -_RENEW_S) >= _RENEW_S for c in append_names]
+        sizes = n_new * size
+        ends = np.cumsum(sizes).tolist()
+        all_added = rec.tobytes()
+        row_special = np.repeat(special, n_new)
+        blob = rec[~row_special].tobytes() if special.any() else all_added
+        updated: dict[str, bytearray] = {}
         trim_keys: list[str] = []
         trim_args: list[bytes | int] = []
-        updated: dict[str, bytes] = {}
-        cache, replace = self._cards, self._replace
-        renewed, now = self._renewed, time.monotonic()
-        ttl_known: list[bool] = []
-        append_cards: list[str] = []
-        trim_cards: list[str] = []
-        touched = np.flatnonzero(bounds[1:] > bounds[:-1])
-        starts = bounds[touched]
-        # per written card: where its new records start and end, and the newest's time
-        newest = np.maximum.reduceat(new["t_us"][order], starts) if len(starts) else starts
-        lows, highs = (starts * size).tolist(), (bounds[touched + 1] * size).tolist()
-        trim_before = (newest - _KEEP_US - TRIM_SLACK_US).tolist()
-        prefix = f"{self._ns}:card:{{"
-        for ci, lo, hi, before in zip(touched.tolist(), lows, highs, trim_before, strict=True):
-            card = cards[ci]
-            added = added_all[lo:hi]
-            blob = cache[card]
-            # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
-            # a trim rewrites the card server-side, so do it about once a week, not per event
-            if blob and int.from_bytes(blob[:8], "little", signed=True) <= before:
-                cut = _aged_records(blob, before + TRIM_SLACK_US) * size
-                trim_keys.append(prefix + card + "}")
-                trim_cards.append(card)
-                updated[card] = blob[cut:] + added
-                trim_args += [-1, updated[card]] if card in replace else [cut, added]
-            elif card in replace:
-                trim_keys.append(prefix + card + "}")
-                trim_cards.append(card)
-                trim_args += [-1, blob + added]
-                updated[card] = blob + added
+        for i in np.flatnonzero(special).tolist():  # rare: about one card in 7 days' events
+            card = names[i]
+            cached = self._cards[card]
+            added = all_added[ends[i] - sizes[i]:ends[i]]
+            trim_keys.append(prefix + card + "}")
+            if first_t[touched[i]] <= trim_before[i]:
+                cut = _aged_records(cached, int(trim_before[i]) + TRIM_SLACK_US) * size
+                updated[card] = bytearray(cached[cut:]) + added
             else:
-                keys.append(prefix + card + "}")
-                args.append(added)
-                append_cards.append(card)
-                updated[card] = blob + added
-                ttl_known.append(now - renewed.get(card, -_RENEW_S) < _RENEW_S)
-        renew_cards = [c for c, known in zip(append_cards, ttl_known, strict=True) if not known]
-        header = [len(renew_cards), len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S]
-        order_keys = np.argsort(ttl_known, kind="stable").tolist()  # renewals first
-        keys = [keys[i] for i in order_keys] + trim_keys
-        args = [args[i] for i in order_keys] + trim_args
+                cut = 0
+                updated[card] = bytearray(cached) + added
+            trim_args += [-1, bytes(updated[card])] if card in self._replace else [cut, added]
+        header = ["".join("1" if r else "0" for r in renew), len(keys), len(trim_keys),
+                  _CARD_TTL_MS, _BUCKET_TTL_S, blob,
+                  " ".join(map(str, sizes[append].tolist()))]
+        keys += trim_keys
+        args: list[bytes | int | str] = trim_args  # type: ignore[assignment]
         hours = hours_of(new["t_us"])
-        names = self._terminals.names
+        term_names = self._terminals.names
         written: list[tuple[int, np.ndarray, np.ndarray]] = []
         for h in np.unique(hours).tolist():
             counts = np.bincount(term_idx[hours == h])
             present = np.flatnonzero(counts)
             written.append((h, present, counts[present]))
             keys.append(self._k("th", h))
-            args.append("".join(f"{names[i]}\t{c}\n"
+            args.append("".join(f"{term_names[i]}\t{c}\n"
                                 for i, c in zip(present.tolist(), counts[present].tolist(),
                                                 strict=True)).encode())
         try:
@@ -731,10 +735,14 @@ class RedisFeatureStore:
                 self._cards.pop(card, None)
                 self._renewed.pop(card, None)
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        self._cards.update(updated)
+        cache = self._cards
+        for i, card in zip(append.tolist(), append_names, strict=True):
+            cache[card] += all_added[ends[i] - sizes[i]:ends[i]]
+        cache.update(updated)
         self._replace.difference_update(updated)
-        renewed.update(dict.fromkeys(renew_cards, now))
-        renewed.update(dict.fromkeys(trim_cards, now))
+        renewed.update(dict.fromkeys(
+            [c for c, r in zip(append_names, renew, strict=True) if r], now))
+        renewed.update(dict.fromkeys(updated, now))
         for hour, idx, counts in written:
             self._terminals.add_counts(hour, idx, counts)
 
