@@ -155,7 +155,7 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
         probe_lat = queue.get(timeout=30) or [float("nan")]
         probe.join(timeout=10)
     memory_card = _memory(client, f"{ns}:card:*")
-    memory_bucket = _memory(client, f"{ns}:th:*")
+    memory_bucket = _memory(client, f"{ns}:tb:*")
     _drop(client, f"{ns}*")
     measured = n - warm
     store_s, naive_s = float(np.sum(store_lat)), float(np.sum(naive_lat))

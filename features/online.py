@@ -10,7 +10,8 @@ chunk per event hour). Keys (each carries a hash tag, so it maps to one Cluster 
   back), appended each batch, rewritten when trimmed to 31 days;
 - ``{ns}:cl:{<shard>}`` / ``{ns}:tl:{<shard>}``: labels so far per card / terminal, one
   field per name holding ``labels + frauds << 32`` (one HINCRBY per name and batch);
-- ``{ns}:th:{<hour>}``: per event hour a list with one "terminal<TAB>count" chunk per batch,
+- ``{ns}:tb:{<hour>}``: per event hour a list with one chunk per batch: its terminals and
+  their transaction counts, length-prefixed (any terminal id is safe),
   and ``{ns}:tf:{<hour>}``: terminal → on-time frauds, for the delayed terminal windows;
 - ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery);
 - ``{ns}:lablog:{log}`` / ``{ns}:labseq:{log}``: a capped stream with one entry per applied
@@ -84,7 +85,7 @@ _LOW32 = (1 << 32) - 1
 # the number of appended cards, the number of trimmed ones, card TTL (ms), bucket TTL (s),
 # every appended card's new records in one buffer, their byte lengths ("76 152 ..."); per
 # trimmed card the bytes to drop from its start (-1: replace the value) and its new
-# records; per hour its "terminal\tcount" chunk. Trimming happens here, so only new records
+# records; per hour its (terminals, counts) chunk. Trimming happens here, so only new records
 # cross the network.
 _WRITE_BATCH = """
 local renew, na, nt, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -298,21 +299,20 @@ class _TerminalWindows:
         return sorted(b for b in needed if b not in self.buckets)
 
     def store(self, hour: int, chunks: list[bytes], frauds: dict[bytes, bytes]) -> None:
-        """Cache one hour: `chunks` are the batches' "terminal\tcount" lines (a terminal may
+        """Cache one hour: `chunks` are the batches' (terminals, counts) (a terminal may
         repeat: the window sums add them up)."""
         names: list[str] = []
-        counts: list[str] = []
+        counts = [np.zeros(0, dtype=np.int64)]
         for chunk in chunks:
-            for line in chunk.decode().splitlines():
-                name, _, c = line.rpartition("\t")
-                names.append(name)
-                counts.append(c)
+            chunk_names, chunk_counts = _unpack_counts(chunk)
+            names += chunk_names
+            counts.append(chunk_counts)
         fraud_names = [k.decode() for k in frauds]
         idx = self.idx(names + fraud_names)
         c = np.zeros(len(idx), dtype=np.int64)
-        c[: len(counts)] = np.array(counts, dtype=np.str_).astype(np.int64) if counts else 0
+        c[: len(names)] = np.concatenate(counts)
         f = np.zeros(len(idx), dtype=np.int64)
-        f[len(counts):] = [int(v) for v in frauds.values()]
+        f[len(names):] = [int(v) for v in frauds.values()]
         self.buckets[hour] = (idx, c, f)
 
     def add_counts(self, hour: int, idx: np.ndarray, counts: np.ndarray) -> None:
@@ -534,7 +534,7 @@ class RedisFeatureStore:
                 tl_groups = self._queue_counters(pipe, "tl", [self._terminals.names[i]
                                                               for i in miss_tl])
                 for h in load_hours:
-                    pipe.lrange(self._k("th", h), 0, -1)
+                    pipe.lrange(self._k("tb", h), 0, -1)
                     pipe.hgetall(self._k("tf", h))
                 replies = pipe.execute()
             except redis.RedisError as exc:
@@ -724,10 +724,9 @@ class RedisFeatureStore:
             counts = np.bincount(term_idx[hours == h])
             present = np.flatnonzero(counts)
             written.append((h, present, counts[present]))
-            keys.append(self._k("th", h))
-            args.append("".join(f"{term_names[i]}\t{c}\n"
-                                for i, c in zip(present.tolist(), counts[present].tolist(),
-                                                strict=True)).encode())
+            keys.append(self._k("tb", h))
+            args.append(_pack_counts([term_names[i] for i in present.tolist()],
+                                     counts[present]))
         try:
             self._write_script(keys=keys, args=[*header, *args])
         except redis.RedisError as exc:
@@ -861,9 +860,9 @@ class RedisFeatureStore:
             h, term = pair.split("|", 1)
             by_hour.setdefault(h, {})[term] = c
         for h, mapping in by_hour.items():
-            pipe.rpush(self._k("th", int(h)),
-                       "".join(f"{name}\t{c}\n" for name, c in mapping.items()))
-            pipe.expire(self._k("th", int(h)), _BUCKET_TTL_S)
+            pipe.rpush(self._k("tb", int(h)),
+                       _pack_counts(list(mapping), np.fromiter(mapping.values(), np.int64)))
+            pipe.expire(self._k("tb", int(h)), _BUCKET_TTL_S)
             if len(pipe) >= chunk:
                 pipe.execute()
         pipe.execute()
@@ -987,11 +986,28 @@ def _pack_names(names: Sequence[str]) -> bytes:
 
 
 def _unpack_names(blob: bytes) -> list[str]:
+    return _unpack_names_at(blob)[0]
+
+
+def _unpack_names_at(blob: bytes) -> tuple[list[str], int]:
+    """The names packed at the start of `blob`, and where they end."""
     count = int.from_bytes(blob[:4], "little")
     lengths = np.frombuffer(blob, dtype="<u4", count=count, offset=4).astype(np.int64)
     ends = (4 + 4 * count + np.cumsum(lengths)).tolist()
     starts = [4 + 4 * count, *ends[:-1]]
-    return [blob[a:b].decode() for a, b in zip(starts, ends, strict=True)]
+    names = [blob[a:b].decode() for a, b in zip(starts, ends, strict=True)]
+    return names, (ends[-1] if ends else 4)
+
+
+def _pack_counts(names: Sequence[str], counts: np.ndarray) -> bytes:
+    """One hour-bucket chunk: the names (length-prefixed), then their counts."""
+    return _pack_names(names) + counts.astype("<u4").tobytes()
+
+
+def _unpack_counts(blob: bytes) -> tuple[list[str], np.ndarray]:
+    names, end = _unpack_names_at(blob)
+    return names, np.frombuffer(blob, dtype="<u4", count=len(names), offset=end).astype(
+        np.int64)
 
 
 def _whole_records(blob: bytes | None) -> bytes:

@@ -190,9 +190,14 @@ def _distinct_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np
 
 def _seen_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Whether value[at_i] occurs among positions [lo_i, at_i)."""
-    owner, pos = _ragged(lo, at)
-    hit = value[pos] == value[at][owner]
-    return np.bincount(owner[hit], minlength=len(at)) > 0
+    prev = at - 1  # most often the card's previous event has it: no need to look further
+    seen = (prev >= lo) & (value[np.maximum(prev, 0)] == value[at])
+    rest = np.flatnonzero(~seen)
+    if rest.size:
+        owner, pos = _ragged(lo[rest], at[rest])
+        hit = value[pos] == value[at[rest]][owner]
+        seen[rest] = np.bincount(owner[hit], minlength=len(rest)) > 0
+    return seen
 
 
 def _distinct_in_window(card: np.ndarray, value: np.ndarray, lo: np.ndarray) -> np.ndarray:

@@ -204,6 +204,20 @@ def test_parity_holds_when_cards_are_reread_every_batch(make_store: StoreFactory
     assert first > int(events_from_frame(tx).t_us.min())
 
 
+def test_terminal_ids_with_separators_read_back_exactly(data) -> None:
+    """Terminal ids are any non-empty string: tabs, newlines and Unicode line separators
+    must survive the hour buckets' round trip through Redis (no crash, exact counts)."""
+    tx, _ = data
+    tx = tx.copy()
+    odd = {t: f"{t}{sep}x" for t, sep in zip(tx["terminal_id"].unique()[:40],
+                                              ["\t", "\n", "\u2028", "\r\n", " \t1"] * 8,
+                                              strict=False)}
+    tx["terminal_id"] = tx["terminal_id"].map(lambda t: odd.get(t, t))
+    store = RedisFeatureStore(fakeredis.FakeRedis(), terminal_refresh_s=0.0)
+    online = stream(store, tx, None, 2500)
+    assert np.array_equal(online, compute_features(tx).to_numpy())
+
+
 class _TwoWorkers:
     """Labels applied by one worker, events scored by another (sharing one Redis)."""
 
@@ -241,4 +255,4 @@ def test_every_state_key_expires(make_store: StoreFactory, data) -> None:
         kinds[kind] = kinds.get(kind, 0) + 1
         if kind not in ("lablog", "labseq", "cl", "tl"):
             assert store._r.ttl(key) > 0, key
-    assert {"card", "th", "lab"} <= set(kinds), kinds
+    assert {"card", "tb", "lab"} <= set(kinds), kinds
