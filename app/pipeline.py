@@ -303,7 +303,9 @@ def label_batch(labels: Sequence[Label], tokenizer: Tokenizer) -> LabelBatch:
 
 
 def enrich(batch: Pseudonymised, store: RedisFeatureStore) -> np.ndarray:
-    return store.update_many(batch.events)
+    """Features; the state write is left in flight (Redis applies it while the batch is
+    scored and emitted): :meth:`Scorer.process` flushes it before it returns."""
+    return store.update_many(batch.events, defer_write=True)
 
 
 def default_features(batch: Pseudonymised) -> np.ndarray:
@@ -593,6 +595,8 @@ class Scorer:
             outputs.extend(self._emit(batch, features, scores, decisions, rules, shadow, opened))
             if self.audit is not None:
                 outputs.extend(self._audit_decisions(batch, features, scores, decisions, opened))
+        with STAGE_SECONDS.labels("features_write").time():
+            self.store.flush()  # the state is written before the engine commits the batch
         n_alerts = int((decisions != "allow").sum())
         return BatchResult(outputs, batch.transaction_ids, scores.fraud, decisions, dead,
                            n_alerts, features, scores.anomaly, batch.events.t_us, opened,

@@ -25,6 +25,7 @@ entries (a gap in the sequence) drops its label caches and reloads what it needs
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Sequence
@@ -156,6 +157,14 @@ class EventBatch:
 
     def __len__(self) -> int:
         return len(self.t_us)
+
+
+@dataclass(frozen=True)
+class _PendingWrite:
+    conn: redis.Connection
+    keys: list[str]
+    args: list[bytes | int | str]
+    cards: list[str]  # the batch's cards: dropped from the cache if the write fails
 
 
 @dataclass(frozen=True)
@@ -421,6 +430,7 @@ class RedisFeatureStore:
         self._log_id: bytes | None = None  # the last label-log entry applied (None: unknown)
         self._log_seq = 0
         self._write_script = client.register_script(_WRITE_BATCH)
+        self._pending: _PendingWrite | None = None  # a batch's write sent, reply not read
         self._log_script = client.register_script(_LOG_LABELS)
 
     # ---- keys ---------------------------------------------------------------------------
@@ -430,6 +440,8 @@ class RedisFeatureStore:
 
     def invalidate(self) -> None:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
+        with contextlib.suppress(FeatureStoreUnavailable):  # the caches go below anyway
+            self.flush()
         self._cards.clear()
         self._replace.clear()
         self._renewed.clear()
@@ -440,6 +452,7 @@ class RedisFeatureStore:
         every worker's, in one round trip: the engine aligns partitions across workers.
         Entries nobody refreshed for `fresh_s` (a partition whose owner died and has not
         been reassigned yet, or that no longer exists) stop holding the others back."""
+        self.flush()
         key = self._k("progress", topic)
         now_ms = int(time.time() * 1000)
         try:
@@ -467,13 +480,17 @@ class RedisFeatureStore:
 
     # ---- events -------------------------------------------------------------------------
 
-    def update_many(self, batch: EventBatch) -> np.ndarray:
+    def update_many(self, batch: EventBatch, defer_write: bool = False) -> np.ndarray:
         """Features for a batch (rows in input order), applying each new event exactly once.
 
         An event whose transaction is already in its card's history (a redelivery) changes
         nothing and gets the features it got the first time; a repeat inside the batch gets
-        those of its first occurrence.
+        those of its first occurrence. With `defer_write` the batch's write is sent but its
+        reply is left for :meth:`flush`, so Redis applies it while the caller scores and
+        emits the batch; the caller must flush before it commits the batch's outputs (any
+        later call of this store flushes first).
         """
+        self.flush()
         n = len(batch)
         if n == 0:
             return np.empty((0, N_FEATURES), dtype=np.float64)
@@ -510,7 +527,38 @@ class RedisFeatureStore:
             self._write(row_card[fresh], new, term_idx[fresh], cards, first_t)
         copies = np.flatnonzero(~is_first)
         out[copies] = out[first_of[copies]]
+        if not defer_write:
+            self.flush()
         return out
+
+    def flush(self) -> None:
+        """Wait for the last batch's write; on failure the caches it touched are dropped
+        (Redis may hold none, part or all of it: reloading tells) and
+        :class:`FeatureStoreUnavailable` is raised."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        conn = pending.conn
+        try:
+            try:
+                conn.read_response()
+            except redis.exceptions.NoScriptError:  # Redis restarted: nothing was applied
+                self._write_script(keys=pending.keys, args=pending.args)
+        except redis.RedisError as exc:
+            if not isinstance(exc, redis.ResponseError):
+                conn.disconnect()
+            self._forget(pending.cards)
+            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
+        finally:
+            self._r.connection_pool.release(conn)
+
+    def _forget(self, cards: Sequence[str]) -> None:
+        """Drop what a write that may have failed put in the caches: reloaded on demand."""
+        for card in cards:
+            self._cards.pop(card, None)
+            self._renewed.pop(card, None)
+            self._replace.discard(card)
+        self._terminals.clear()
 
     def _sync(self, cards: list[str], terminals: np.ndarray, hours: np.ndarray) -> None:
         """Bring the caches up to date in one MULTI: label-log entries since the last batch,
@@ -727,13 +775,21 @@ class RedisFeatureStore:
             keys.append(self._k("tb", h))
             args.append(_pack_counts([term_names[i] for i in present.tolist()],
                                      counts[present]))
+        argv = [*header, *args]
+        pool = self._r.connection_pool
         try:
-            self._write_script(keys=keys, args=[*header, *args])
+            conn = pool.get_connection()
         except redis.RedisError as exc:
-            for card in cards:  # our cache may now be ahead of Redis: reload next time
-                self._cards.pop(card, None)
-                self._renewed.pop(card, None)
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
+        try:
+            conn.send_command("EVALSHA", self._write_script.sha, len(keys), *keys, *argv)
+        except redis.RedisError as exc:
+            conn.disconnect()
+            pool.release(conn)
+            self._forget(cards)  # sent in part, perhaps: reload these cards next time
+            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
+        # Redis runs the script while the caches catch up (undone by flush on failure)
+        self._pending = _PendingWrite(conn, keys, argv, cards)
         cache = self._cards
         for i, card in zip(append.tolist(), append_names, strict=True):
             cache[card] += all_added[ends[i] - sizes[i]:ends[i]]
@@ -753,6 +809,7 @@ class RedisFeatureStore:
         Counters, buckets and the label-log entry are written in one MULTI, so workers that
         tail the log (this one included, on its next batch) see every label exactly once.
         """
+        self.flush()
         n = len(labels.transaction_ids)
         if n == 0:
             return 0
@@ -827,6 +884,7 @@ class RedisFeatureStore:
         labels reported so far (first report per transaction). Loaded events are known for
         redelivery; their recorded terminal and label counts are not (zeros).
         """
+        self.flush()
         before = events.t_us < until_us
         t_us = events.t_us[before]
         cards = np.asarray(events.cards, dtype=object)[before]
