@@ -23,6 +23,7 @@ from features.online import (
     CARD_RECORD,
     REDELIVERY_US,
     EventBatch,
+    FeatureStoreUnavailable,
     InvalidEvent,
     LabelBatch,
     RedisFeatureStore,
@@ -216,6 +217,34 @@ def test_terminal_ids_with_separators_read_back_exactly(data) -> None:
     store = RedisFeatureStore(fakeredis.FakeRedis(), terminal_refresh_s=0.0)
     online = stream(store, tx, None, 2500)
     assert np.array_equal(online, compute_features(tx).to_numpy())
+
+
+def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """A deferred write applied but whose reply is lost: flush reports the store unavailable
+    and drops what the write touched; the batch sent again gets its first features back."""
+    tx, _ = data
+    store = RedisFeatureStore(fakeredis.FakeRedis())
+    ev = events_from_frame(tx)
+    head, batch = take_events(ev, np.arange(2000)), take_events(ev, np.arange(2000, 2400))
+    store.update_many(head)
+    first = store.update_many(batch, defer_write=True)
+    assert store._pending is not None
+
+    def lost() -> None:
+        raise redis.ConnectionError("connection reset")
+
+    monkeypatch.setattr(store._pending.conn, "read_response", lost)
+    with pytest.raises(FeatureStoreUnavailable, match="connection reset"):
+        store.flush()
+    monkeypatch.undo()  # the pooled connection reconnects
+    assert not set(batch.cards) & set(store._cards)
+    again = store.update_many(batch)
+    assert np.array_equal(again, first)
+    offline = compute_features(tx.iloc[:2400]).to_numpy()
+    assert np.array_equal(again, offline[2000:2400])
+    assert np.array_equal(store.update_many(take_events(ev, np.arange(2400, 2600))),
+                          compute_features(tx.iloc[:2600]).to_numpy()[2400:])
 
 
 class _TwoWorkers:
