@@ -116,6 +116,11 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
     n = len(ev)
     if n == 0:
         return
+    span = int(ev.t_us.max()) - int(ev.t_us.min()) + CARD_LOOKBACK_US + 2
+    limit = max(1, _INT64_HEADROOM // span)
+    if int(ev.card.max()) + 1 > limit:  # times centuries apart: a few cards at a time
+        _card_features_in_groups(ev, out, np.arange(n) if rows is None else rows, limit)
+        return
     order = sorted_order(ev) if order is None else order
     card = ev.card[order]
     t = ev.t_us[order]
@@ -128,8 +133,6 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
     # A strictly ordered int64 key per row: card in the high part, time in the low part.
     base = int(t.min()) - CARD_LOOKBACK_US - 1
     span = int(t.max()) - base + 1
-    if int(card.max()) + 1 > _INT64_HEADROOM // span:
-        raise ValueError("too many cards for one call: split the history by card")
     key = card * span + (t - base)
     k = key[want]
     group_start = np.searchsorted(card, card[want], side="left")
@@ -171,6 +174,23 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
 
     columns = [INDEX[c] for c in CARD_COLUMNS]
     out[:, columns] = res[:, columns]
+
+
+def _card_features_in_groups(ev: CardEvents, out: np.ndarray, rows: np.ndarray,
+                             limit: int) -> None:
+    """:func:`card_features` for `rows`, over groups of fewer than `limit` cards each (so
+    each group's int64 keys fit); cards never see each other, so the result is the same."""
+    group = ev.card // limit
+    for g in np.unique(group[rows]).tolist():
+        sel = np.flatnonzero(group == g)
+        mine = np.flatnonzero(group[rows] == g)
+        part = CardEvents(card=ev.card[sel] - g * limit, t_us=ev.t_us[sel],
+                          amount=ev.amount[sel], terminal=ev.terminal[sel],
+                          device=ev.device[sel], country=ev.country[sel])
+        res = np.zeros((len(mine), out.shape[1]), dtype=np.float64)
+        card_features(part, res, rows=np.searchsorted(sel, rows[mine]))
+        columns = [INDEX[c] for c in CARD_COLUMNS]
+        out[np.ix_(mine, columns)] = res[:, columns]
 
 
 def _ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -247,6 +247,17 @@ def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.Mon
                           compute_features(tx.iloc[:2600]).to_numpy()[2400:])
 
 
+def test_events_centuries_apart_in_one_batch(make_store: StoreFactory, data) -> None:
+    """A new card's event stamped in 1700 (valid RFC 3339, applied: the card has no later
+    history) next to this year's events of 1,500 cards: no int64 overflow, exact."""
+    tx, _ = data
+    tx = tx.iloc[:1500].copy()
+    tx["customer_id"] = [f"C{i}" for i in range(len(tx))]  # 1,500 cards in one batch
+    tx.loc[tx.index[700], "timestamp"] = pd.Timestamp("1700-01-01T00:00:00", tz="UTC")
+    online = stream(make_store(), tx, None, 1500)
+    assert np.array_equal(online, compute_features(tx).to_numpy())
+
+
 class _TwoWorkers:
     """Labels applied by one worker, events scored by another (sharing one Redis)."""
 

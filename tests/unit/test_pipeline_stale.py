@@ -53,3 +53,20 @@ def test_events_older_than_the_cards_kept_history_go_to_the_dlq() -> None:
     assert len(dlq) == 1 and dict(dlq[0].headers or [])["error.stage"] == b"features"
     count_30d = result.features[1, FEATURE_NAMES.index("card_count_30d")]
     assert count_30d == 1.0  # the late event (day 30) sees none of alice's (day 50) events
+
+
+def test_an_event_from_year_one_among_hundreds_of_cards_is_scored() -> None:
+    """A valid but absurd timestamp (0001-01-01) of a new card: applied like any event of a
+    card with no history, without breaking its batch (int64 keys over 2,000 years)."""
+    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
+                    model=StubModel(),  # type: ignore[arg-type]
+                    tokenizer=Tokenizer(random_key()),
+                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
+                    topics=Topics())
+    records = [record(i, 5, f"c{i}") for i in range(300)]
+    doc = json.loads(records[7].value)
+    records[7] = InputRecord(json.dumps({**doc, "timestamp": "0001-01-01T00:00:00Z"}).encode(),
+                             b"c7", "transactions", 0, 7)
+    result = scorer.process(records)
+    assert len(result.transaction_ids) == 300 and not result.dead
+    assert (result.features[:, FEATURE_NAMES.index("card_count_30d")] == 1.0).all()
