@@ -146,7 +146,10 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
         res[:, INDEX[f"card_count_{days}d"]] = count
         res[:, INDEX[f"card_mean_amount_{days}d"]] = (cents[want + 1] - cents[lo]) / 100.0 / count
     lo_lookback = np.searchsorted(key, k - CARD_LOOKBACK_US, side="right")
-    res[:, INDEX["card_amount_ratio_30d"]] = amount[want] / res[:, INDEX["card_mean_amount_30d"]]
+    mean_30d = res[:, INDEX["card_mean_amount_30d"]]
+    # sums are in whole cents: amounts under half a cent (3-decimal currencies) sum to 0
+    res[:, INDEX["card_amount_ratio_30d"]] = np.divide(amount[want], mean_30d,
+                                                       out=np.ones(len(want)), where=mean_30d > 0)
 
     has_prev = want > group_start
     gap = (t[want] - np.where(has_prev, t[want - 1], t[want])) / SECOND_US

@@ -70,3 +70,16 @@ def test_an_event_from_year_one_among_hundreds_of_cards_is_scored() -> None:
     result = scorer.process(records)
     assert len(result.transaction_ids) == 300 and not result.dead
     assert (result.features[:, FEATURE_NAMES.index("card_count_30d")] == 1.0).all()
+
+
+def test_a_sub_cent_amount_has_a_finite_ratio() -> None:
+    """Card sums run in whole cents; 0.001 (a 3-decimal currency) must not divide by 0."""
+    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
+                    model=StubModel(),  # type: ignore[arg-type]
+                    tokenizer=Tokenizer(random_key()),
+                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
+                    topics=Topics())
+    doc = json.loads(record(0, 5, "kw").value)
+    result = scorer.process([InputRecord(json.dumps({**doc, "amount": 0.001}).encode(), b"kw",
+                                         "transactions", 0, 0)])
+    assert result.features[0, FEATURE_NAMES.index("card_amount_ratio_30d")] == 1.0
