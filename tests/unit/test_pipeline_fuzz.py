@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 
-import fakeredis
 import hypothesis.strategies as st
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 
-from app.pipeline import InputRecord, Scorer, Topics
-from app.security.envelope import FieldCipher
-from app.security.tokens import Tokenizer, random_key
-from features.online import RedisFeatureStore
-from models.policy import Policy
-from tests.unit.test_pipeline_stale import StubModel
+from app.pipeline import InputRecord
+from tests.unit.test_pipeline_stale import new_scorer
 
 STAMPS = ["0001-01-01T00:00:00Z", "1677-09-21T00:12:43Z", "1969-12-31T23:59:59.999999Z",
           "2018-04-01T00:00:00+14:00", "2026-03-01T12:00:00Z", "2026-03-01T12:00:00.5-12:00",
@@ -49,11 +44,7 @@ def batches(draw: st.DrawFn) -> list[list[bytes | None]]:
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_every_event_is_scored_or_dead_lettered_once(stream: list[list[bytes | None]]) -> None:
-    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
-                    model=StubModel(),  # type: ignore[arg-type]
-                    tokenizer=Tokenizer(random_key()),
-                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
-                    topics=Topics(), max_future_s=86_400)
+    scorer = new_scorer(max_future_s=86_400)
     for b, values in enumerate(stream):
         records = [InputRecord(v, b"k", "transactions", b, i) for i, v in enumerate(values)]
         result = scorer.process(records)

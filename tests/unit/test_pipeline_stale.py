@@ -29,6 +29,15 @@ class StubModel:
         return np.zeros_like(features)
 
 
+def new_scorer(max_future_s: float = 0.0) -> Scorer:
+    """A scorer over an in-process store and a stub model."""
+    return Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
+                  model=StubModel(),  # type: ignore[arg-type]
+                  tokenizer=Tokenizer(random_key()),
+                  cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
+                  topics=Topics(), max_future_s=max_future_s)
+
+
 def record(i: int, day: int, customer: str) -> InputRecord:
     doc = {"transaction_id": f"t{i}", "timestamp": f"2026-{3 + day // 28:02d}-"
            f"{1 + day % 28:02d}T12:00:00Z", "customer_id": customer, "terminal_id": "T1",
@@ -37,11 +46,7 @@ def record(i: int, day: int, customer: str) -> InputRecord:
 
 
 def test_events_older_than_the_cards_kept_history_go_to_the_dlq() -> None:
-    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
-                    model=StubModel(),  # type: ignore[arg-type]
-                    tokenizer=Tokenizer(random_key()),
-                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
-                    topics=Topics())
+    scorer = new_scorer()
     first = scorer.process([record(0, 50, "alice")])  # alice's newest event: day 50
     assert len(first.transaction_ids) == 1
     result = scorer.process([record(1, 51, "bob"), record(2, 10, "alice"),  # 40 days late
@@ -58,11 +63,7 @@ def test_events_older_than_the_cards_kept_history_go_to_the_dlq() -> None:
 def test_an_event_from_year_one_among_hundreds_of_cards_is_scored() -> None:
     """A valid but absurd timestamp (0001-01-01) of a new card: applied like any event of a
     card with no history, without breaking its batch (int64 keys over 2,000 years)."""
-    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
-                    model=StubModel(),  # type: ignore[arg-type]
-                    tokenizer=Tokenizer(random_key()),
-                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
-                    topics=Topics())
+    scorer = new_scorer()
     records = [record(i, 5, f"c{i}") for i in range(300)]
     doc = json.loads(records[7].value)
     records[7] = InputRecord(json.dumps({**doc, "timestamp": "0001-01-01T00:00:00Z"}).encode(),
@@ -74,11 +75,7 @@ def test_an_event_from_year_one_among_hundreds_of_cards_is_scored() -> None:
 
 def test_a_sub_cent_amount_has_a_finite_ratio() -> None:
     """Card sums run in whole cents; 0.001 (a 3-decimal currency) must not divide by 0."""
-    scorer = Scorer(store=RedisFeatureStore(fakeredis.FakeRedis()),
-                    model=StubModel(),  # type: ignore[arg-type]
-                    tokenizer=Tokenizer(random_key()),
-                    cipher=FieldCipher({"k": random_key()}, "k"), policy=Policy(0.5, 0.9),
-                    topics=Topics())
+    scorer = new_scorer()
     doc = json.loads(record(0, 5, "kw").value)
     result = scorer.process([InputRecord(json.dumps({**doc, "amount": 0.001}).encode(), b"kw",
                                          "transactions", 0, 0)])
