@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import redis
 
+from features.card_arena import CARD_RECORD, CardArena
 from features.definitions import (
     CARD_LOOKBACK_US,
     DAY_US,
@@ -45,24 +46,13 @@ from features.definitions import (
     TERMINAL_WINDOWS_DAYS,
 )
 from features.windows import (
-    CardEvents,
-    card_features,
     hours_of,
     label_rate,
-    sorted_order,
     terminal_columns,
     terminal_window_bounds,
     transaction_features,
 )
 
-# One stored card event: the card windows' inputs (nothing personal: terminal, device and
-# country as opaque equality keys), the transaction id's hash (redelivery), and the counts
-# it was scored with: terminal windows (counts 1/7/30 d, frauds 1/7/30 d), then labels so
-# far (card labels, card frauds, terminal labels, terminal frauds).
-CARD_RECORD = np.dtype([
-    ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
-    ("country", "<u4"), ("tx", "<u8"), ("inputs", "<u4", (10,)),
-])
 _N_WIN = len(TERMINAL_WINDOWS_DAYS)
 _CARD_LAB, _TERM_LAB = 2 * _N_WIN, 2 * _N_WIN + 2
 _LONGEST_TERMINAL_HOURS = 24 * max(TERMINAL_WINDOWS_DAYS)
@@ -213,8 +203,7 @@ class _Counters:
         self.slot.update(zip(names, range(start, start + len(names)), strict=True))
 
     def get(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        slot = self.slot
-        idx = np.fromiter((slot[x] for x in names), dtype=np.int64, count=len(names))
+        idx = np.fromiter(map(self.slot.__getitem__, names), dtype=np.int64, count=len(names))
         return self.n[idx], self.f[idx]
 
     def add(self, names: Sequence[str], fraud: np.ndarray) -> None:
@@ -418,12 +407,8 @@ class RedisFeatureStore:
     ) -> None:
         self._r = client
         self._ns = namespace
-        # card token → its kept events as CARD_RECORD bytes, as in Redis (insertion order
-        # is eviction order); cards whose Redis copy was not whole records are replaced
-        self._cards: dict[str, bytearray] = {}
-        self._replace: set[str] = set()
-        self._renewed: dict[str, float] = {}  # card → when its key's TTL was last renewed
-        self._cache_cards = cache_cards
+        # the owned cards' kept events, as in Redis; the least recently used are evicted
+        self._arena = CardArena(cache_cards, key=lambda card: f"{namespace}:card:{{{card}}}")
         self._terminals = _TerminalWindows(terminal_refresh_s)
         self._card_labels = _Counters(cache_labels)
         self._term_labels = _TerminalCounters()
@@ -442,9 +427,7 @@ class RedisFeatureStore:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
         with contextlib.suppress(FeatureStoreUnavailable):  # the caches go below anyway
             self.flush()
-        self._cards.clear()
-        self._replace.clear()
-        self._renewed.clear()
+        self._arena.clear()
 
     def exchange_progress(self, topic: str, mine: dict[int, tuple[int, bool]],
                           fresh_s: float = 60.0) -> dict[int, tuple[int, bool]]:
@@ -498,35 +481,31 @@ class RedisFeatureStore:
         cards = list(dict.fromkeys(batch.cards))
         term_idx = self._terminals.idx(batch.terminals.tolist())
         self._sync(cards, np.unique(term_idx), hours_of(batch.t_us))
-
-        card_pos = {c: i for i, c in enumerate(cards)}
-        row_card = np.fromiter((card_pos[c] for c in batch.cards), dtype=np.int64, count=n)
-        blobs = [self._cards[c] for c in cards]
-        lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
-        stored = np.frombuffer(b"".join(blobs), dtype=CARD_RECORD)
-        n_rec = lengths // CARD_RECORD.itemsize
-        hist_card = np.repeat(np.arange(len(cards)), n_rec)
+        arena = self._arena
+        row_slot = arena.lookup(batch.cards)
 
         tx = transaction_hashes(batch.transaction_ids)
         _, first, inverse = np.unique(tx, return_index=True, return_inverse=True)
         first_of = first[inverse.reshape(-1)]
         is_first = first_of == np.arange(n)
-        seen_at = _find_transactions(stored, hist_card, tx, row_card, int(batch.t_us.min()))
-        _refuse_stale(batch.t_us, is_first & (seen_at < 0), row_card, stored["t_us"], n_rec)
+        seen_at = arena.find(row_slot, batch.t_us, tx)
+        new = is_first & (seen_at < 0)
+        _refuse_stale(batch.t_us, new, arena.newest(row_slot))
         out = np.empty((n, N_FEATURES), dtype=np.float64)
         again = np.flatnonzero(is_first & (seen_at >= 0))
         if again.size:
-            out[again] = _features_of_stored(stored, hist_card, seen_at[again])
-        fresh = np.flatnonzero(is_first & (seen_at < 0))
+            out[again] = self._features_of_stored(seen_at[again], row_slot[again])
+        fresh = np.flatnonzero(new)
         if fresh.size:
-            new = self._compute(batch, fresh, row_card[fresh], stored, hist_card, term_idx, out)
-            new["tx"] = tx[fresh]
-            first_t = np.full(len(cards), np.iinfo(np.int64).max, dtype=np.int64)
-            has = n_rec > 0
-            first_t[has] = stored["t_us"][(np.cumsum(n_rec) - n_rec)[has]]
-            self._write(row_card[fresh], new, term_idx[fresh], cards, first_t)
+            try:
+                records = self._compute(batch, fresh, row_slot[fresh], tx[fresh], term_idx, out)
+                self._write(row_slot[fresh], records, term_idx[fresh], cards)
+            except BaseException:
+                self._forget(cards)  # the cache may hold what Redis does not: reload them
+                raise
         copies = np.flatnonzero(~is_first)
         out[copies] = out[first_of[copies]]
+        arena.evict()
         if not defer_write:
             self.flush()
         return out
@@ -554,17 +533,15 @@ class RedisFeatureStore:
 
     def _forget(self, cards: Sequence[str]) -> None:
         """Drop what a write that may have failed put in the caches: reloaded on demand."""
-        for card in cards:
-            self._cards.pop(card, None)
-            self._renewed.pop(card, None)
-            self._replace.discard(card)
+        self._arena.drop(cards)
         self._terminals.clear()
 
     def _sync(self, cards: list[str], terminals: np.ndarray, hours: np.ndarray) -> None:
         """Bring the caches up to date in one MULTI: label-log entries since the last batch,
         then whatever these events need that is not cached (cards, label counts, buckets)."""
         for _ in range(2):
-            missing = [c for c in cards if c not in self._cards]
+            cached = self._arena.lookup(cards).tolist()
+            missing = [c for c, slot in zip(cards, cached, strict=True) if slot < 0]
             miss_cl = self._card_labels.missing(cards)
             miss_tl = self._term_labels.missing(terminals).tolist()
             load_hours = self._terminals.hours_to_load(hours)
@@ -602,13 +579,8 @@ class RedisFeatureStore:
                     continue
                 k = 1
             if missing:
-                for c, blob in zip(missing, replies[k], strict=True):
-                    whole = _whole_records(blob)
-                    self._cards[c] = bytearray(whole)
-                    if blob and not whole:
-                        self._replace.add(c)
+                self._arena.load(missing, replies[k])
                 k += 1
-                self._evict()
             for members in cl_groups:
                 self._card_labels.put(members, replies[k])
                 k += 1
@@ -651,35 +623,14 @@ class RedisFeatureStore:
             pipe.hmget(self._k(kind, shard), members)
         return list(groups.values())
 
-    def _evict(self) -> None:
-        excess = len(self._cards) - self._cache_cards
-        if excess > 0:  # oldest loaded first; an evicted card is read back on its next event
-            for card in list(self._cards)[: excess + self._cache_cards // 10]:
-                del self._cards[card]
-                self._replace.discard(card)
-                self._renewed.pop(card, None)
-
-    def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_card: np.ndarray,
-                 stored: np.ndarray, hist_card: np.ndarray, term_idx: np.ndarray,
-                 out: np.ndarray) -> np.ndarray:
-        """Features of the fresh rows into `out`; returns their records."""
+    def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_slot: np.ndarray,
+                 tx: np.ndarray, term_idx: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Features of the fresh rows into `out`, their records added to the card cache;
+        returns the records."""
         t_us = batch.t_us[fresh]
         amount = batch.amount[fresh]
         res = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
         transaction_features(t_us, amount, res)
-
-        # card windows: the stored events of these cards, then the fresh events
-        hist = stored
-        events = CardEvents(
-            card=np.concatenate([hist_card, fresh_card]),
-            t_us=np.concatenate([hist["t_us"], t_us]),
-            amount=np.concatenate([hist["amount"], amount]),
-            terminal=np.concatenate([hist["terminal"], batch.terminal_keys[fresh]]),
-            device=np.concatenate([hist["device"], batch.device[fresh]]),
-            country=np.concatenate([hist["country"], batch.country[fresh]]),
-        )
-        card_features(events, res, rows=np.arange(len(hist), len(events)),
-                      order=sorted_order(events, stored=len(hist)))
 
         # terminal windows from the cached hour buckets
         term_idx = term_idx[fresh]
@@ -698,71 +649,65 @@ class RedisFeatureStore:
         terminal_columns(counts, frauds, res)
 
         # labels reported so far
-        card_n, card_f = self._card_labels.get([batch.cards[i] for i in fresh])
+        fresh_cards = (batch.cards if len(fresh) == len(batch)
+                       else [batch.cards[i] for i in fresh.tolist()])
+        card_n, card_f = self._card_labels.get(fresh_cards)
         term_n, term_f = self._term_labels.get(term_idx)
         res[:, INDEX["card_label_fraud_rate"]] = label_rate(card_n, card_f)
         res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(term_n, term_f)
-        out[fresh] = res
 
         new = np.empty(len(fresh), dtype=CARD_RECORD)
-        new["t_us"], new["amount"] = t_us, amount
+        new["t_us"], new["amount"], new["tx"] = t_us, amount, tx
         new["terminal"], new["device"] = batch.terminal_keys[fresh], batch.device[fresh]
         new["country"] = batch.country[fresh]
         new["inputs"] = np.column_stack(
             [counts[d] for d in TERMINAL_WINDOWS_DAYS] + [frauds[d] for d in TERMINAL_WINDOWS_DAYS]
             + [card_n, card_f, term_n, term_f])
+
+        # card windows: the new events join their cards' histories, then each reads its own
+        pos = self._arena.insert(fresh_slot, new)
+        self._arena.features(pos, fresh_slot, res)
+        out[fresh] = res
         return new
 
-    def _write(self, fresh_card: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
-               cards: list[str], first_t: np.ndarray) -> None:
+    def _write(self, fresh_slot: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
+               cards: list[str]) -> None:
         """Persist the fresh events and their terminal counts in one atomic script call:
-        per card, its new records appended (one buffer for all cards, split server-side),
-        and about once a week the leading records that aged out dropped.
-        `first_t`: per card of `cards`, its oldest cached record's time (int64 max: none)."""
+        per card, its new records appended (one buffer for all cards, split server-side);
+        about once a week the leading records that aged out dropped, and a card whose
+        cached order no longer matches Redis (a late event) replaced whole."""
+        arena = self._arena
         size = CARD_RECORD.itemsize
-        order = np.argsort(fresh_card, kind="stable")
+        order = np.lexsort((np.arange(len(new)), new["t_us"], fresh_slot))  # as inserted
         rec = new[order]
-        touched, starts, n_new = np.unique(fresh_card[order], return_index=True,
+        touched, starts, n_new = np.unique(fresh_slot[order], return_index=True,
                                            return_counts=True)
-        names = [cards[i] for i in touched.tolist()]
         newest = np.maximum.reduceat(rec["t_us"], starts)
         # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
         # a trim rewrites the card server-side, so do it about once a week, not per event
-        trim_before = newest - _KEEP_US - TRIM_SLACK_US
-        special = first_t[touched] <= trim_before
-        if self._replace:
-            special |= np.fromiter((c in self._replace for c in names), dtype=bool,
-                                   count=len(names))
-        append = np.flatnonzero(~special)
-        append_names = [names[i] for i in append.tolist()]
-        prefix = f"{self._ns}:card:{{"
-        keys = [prefix + c + "}" for c in append_names]
-        renewed, now = self._renewed, time.monotonic()
-        get = renewed.get
-        renew = [now - get(c, -_RENEW_S) >= _RENEW_S for c in append_names]
-        sizes = n_new * size
-        ends = np.cumsum(sizes).tolist()
-        all_added = rec.tobytes()
-        row_special = np.repeat(special, n_new)
-        blob = rec[~row_special].tobytes() if special.any() else all_added
-        updated: dict[str, bytearray] = {}
+        horizon = newest - _KEEP_US
+        trim = arena.oldest(touched) <= horizon - TRIM_SLACK_US
+        special = trim | ~arena.ordered[touched]
+        append = touched[~special]
+        card_keys = arena.keys
+        keys = [card_keys[s] for s in append.tolist()]
+        now = time.monotonic()
+        renew = now - arena.renewed[append] >= _RENEW_S
+        blob = rec[~np.repeat(special, n_new)].tobytes() if special.any() else rec.tobytes()
         trim_keys: list[str] = []
         trim_args: list[bytes | int] = []
         for i in np.flatnonzero(special).tolist():  # rare: about one card in 7 days' events
-            card = names[i]
-            cached = self._cards[card]
-            added = all_added[ends[i] - sizes[i]:ends[i]]
-            trim_keys.append(prefix + card + "}")
-            if first_t[touched[i]] <= trim_before[i]:
-                cut = _aged_records(cached, int(trim_before[i]) + TRIM_SLACK_US) * size
-                updated[card] = bytearray(cached[cut:]) + added
+            slot = int(touched[i])
+            trim_keys.append(card_keys[slot])
+            cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
+            if arena.ordered[slot]:
+                trim_args += [cut * size, rec[starts[i]:starts[i] + n_new[i]].tobytes()]
             else:
-                cut = 0
-                updated[card] = bytearray(cached) + added
-            trim_args += [-1, bytes(updated[card])] if card in self._replace else [cut, added]
-        header = ["".join("1" if r else "0" for r in renew), len(keys), len(trim_keys),
+                trim_args += [-1, arena.records(slot)]
+                arena.ordered[slot] = True
+        header = [np.where(renew, 49, 48).astype(np.uint8).tobytes(), len(keys), len(trim_keys),
                   _CARD_TTL_MS, _BUCKET_TTL_S, blob,
-                  " ".join(map(str, sizes[append].tolist()))]
+                  " ".join(map(str, (n_new[~special] * size).tolist()))]
         keys += trim_keys
         args: list[bytes | int | str] = trim_args  # type: ignore[assignment]
         hours = hours_of(new["t_us"])
@@ -786,20 +731,31 @@ class RedisFeatureStore:
         except redis.RedisError as exc:
             conn.disconnect()
             pool.release(conn)
-            self._forget(cards)  # sent in part, perhaps: reload these cards next time
             raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        # Redis runs the script while the caches catch up (undone by flush on failure)
+        # Redis runs the script while the caller goes on (the caches are undone by flush
+        # on failure)
         self._pending = _PendingWrite(conn, keys, argv, cards)
-        cache = self._cards
-        for i, card in zip(append.tolist(), append_names, strict=True):
-            cache[card] += all_added[ends[i] - sizes[i]:ends[i]]
-        cache.update(updated)
-        self._replace.difference_update(updated)
-        renewed.update(dict.fromkeys(
-            [c for c, r in zip(append_names, renew, strict=True) if r], now))
-        renewed.update(dict.fromkeys(updated, now))
+        arena.renewed[append[renew]] = now
+        arena.renewed[touched[special]] = now
         for hour, idx, counts in written:
             self._terminals.add_counts(hour, idx, counts)
+
+    def _features_of_stored(self, pos: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """The features stored events got when they were new: card windows recomputed over
+        the history before them (exact), terminal and label parts from the recorded counts."""
+        rec = self._arena.rec[pos]
+        res = np.zeros((len(pos), N_FEATURES), dtype=np.float64)
+        transaction_features(rec["t_us"], rec["amount"], res)
+        self._arena.features(pos, slots, res)
+        inputs = rec["inputs"].astype(np.int64)
+        terminal_columns({d: inputs[:, j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
+                         {d: inputs[:, _N_WIN + j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
+                         res)
+        res[:, INDEX["card_label_fraud_rate"]] = label_rate(inputs[:, _CARD_LAB],
+                                                            inputs[:, _CARD_LAB + 1])
+        res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(inputs[:, _TERM_LAB],
+                                                                inputs[:, _TERM_LAB + 1])
+        return res
 
     # ---- labels -------------------------------------------------------------------------
 
@@ -968,73 +924,18 @@ def _check(batch: EventBatch) -> None:
         raise InvalidEvent(f"row {i}: amount must be a finite number > 0")
     for name, values in (("transaction_id", batch.transaction_ids), ("card", batch.cards),
                          ("terminal", batch.terminals)):
-        if set(map(type, values)) <= {str} and not any(v == "" for v in values):
+        if set(map(type, values)) <= {str} and "" not in set(values):
             continue
         i = next(i for i, v in enumerate(values) if not isinstance(v, str) or not v)
         raise InvalidEvent(f"row {i}: missing {name}")
 
 
-def _refuse_stale(t_us: np.ndarray, new: np.ndarray, row_card: np.ndarray,
-                  stored_t: np.ndarray, counts: np.ndarray) -> None:
-    """Raise :class:`StaleEvents` for new events older than their card's kept history."""
-    if len(stored_t) == 0:
-        return
-    has = counts > 0
-    newest = np.zeros(len(counts), dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    newest[has] = np.maximum.reduceat(stored_t, starts[has])
-    stale = new & has[row_card] & (t_us <= newest[row_card] - _KEEP_US)
+def _refuse_stale(t_us: np.ndarray, new: np.ndarray, newest: np.ndarray) -> None:
+    """Raise :class:`StaleEvents` for new events older than their card's kept history
+    (`newest`: per event, its card's newest stored event time, int64 min when none)."""
+    stale = new & (t_us + _KEEP_US <= newest)
     if stale.any():
         raise StaleEvents(np.flatnonzero(stale))
-
-
-def _aged_records(blob: bytes, horizon: int) -> int:
-    """How many leading records of a card's blob are at or before `horizon`."""
-    t = np.frombuffer(blob, dtype=CARD_RECORD)["t_us"]
-    kept = np.flatnonzero(t > horizon)
-    return int(kept[0]) if kept.size else len(t)
-
-
-def _find_transactions(stored: np.ndarray, stored_card: np.ndarray, tx: np.ndarray,
-                       card: np.ndarray, t_min: int) -> np.ndarray:
-    """Per event, the stored record of the same transaction of the same card, or -1.
-    A redelivered event's record has its event time, so only records at `t_min` (the
-    batch's oldest event) or later are candidates: usually just the last few batches'."""
-    found = np.full(len(tx), -1, dtype=np.int64)
-    cand = np.flatnonzero(stored["t_us"] >= t_min)
-    if cand.size == 0:
-        return found
-    stored_tx = stored["tx"][cand]
-    order = np.argsort(tx)
-    sorted_tx = tx[order]
-    pos = np.minimum(np.searchsorted(sorted_tx, stored_tx), len(tx) - 1)
-    hit = np.flatnonzero(sorted_tx[pos] == stored_tx)
-    if hit.size:
-        rows = order[pos[hit]]
-        same = stored_card[cand[hit]] == card[rows]
-        found[rows[same]] = cand[hit[same]]
-    return found
-
-
-def _features_of_stored(stored: np.ndarray, stored_card: np.ndarray, rows: np.ndarray
-                        ) -> np.ndarray:
-    """The features stored events got when they were new: card windows recomputed over
-    the history before them (exact), terminal and label parts from the recorded counts."""
-    res = np.zeros((len(rows), N_FEATURES), dtype=np.float64)
-    transaction_features(stored["t_us"][rows], stored["amount"][rows], res)
-    events = CardEvents(card=stored_card, t_us=stored["t_us"], amount=stored["amount"],
-                        terminal=stored["terminal"], device=stored["device"],
-                        country=stored["country"])
-    card_features(events, res, rows=rows)
-    inputs = stored["inputs"][rows].astype(np.int64)
-    terminal_columns({d: inputs[:, j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
-                     {d: inputs[:, _N_WIN + j] for j, d in enumerate(TERMINAL_WINDOWS_DAYS)},
-                     res)
-    res[:, INDEX["card_label_fraud_rate"]] = label_rate(inputs[:, _CARD_LAB],
-                                                        inputs[:, _CARD_LAB + 1])
-    res[:, INDEX["terminal_label_fraud_rate"]] = label_rate(inputs[:, _TERM_LAB],
-                                                            inputs[:, _TERM_LAB + 1])
-    return res
 
 
 def _pack_names(names: Sequence[str]) -> bytes:
@@ -1066,11 +967,3 @@ def _unpack_counts(blob: bytes) -> tuple[list[str], np.ndarray]:
     names, end = _unpack_names_at(blob)
     return names, np.frombuffer(blob, dtype="<u4", count=len(names), offset=end).astype(
         np.int64)
-
-
-def _whole_records(blob: bytes | None) -> bytes:
-    """Stored card events; a blob that is not whole records is treated as empty."""
-    if not blob or len(blob) % CARD_RECORD.itemsize:
-        return b""
-    return bytes(blob)
-

@@ -170,9 +170,9 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
             res[:, INDEX[column]] = (v[want] != 0) & ~((prev >= 0) & (prev >= lo_lookback))
     else:  # a few rows: look at their windows directly
         lo_day = np.searchsorted(key, k - DAY_US, side="right")
-        res[:, INDEX["card_distinct_terminals_1d"]] = _distinct_in_slices(term, lo_day, want)
+        res[:, INDEX["card_distinct_terminals_1d"]] = distinct_in_slices(term, lo_day, want)
         for column, v in (("card_new_device", dev), ("card_new_country", ctry)):
-            seen = _seen_in_slices(v, lo_lookback, want)
+            seen = seen_in_slices(v, lo_lookback, want)
             res[:, INDEX[column]] = (v[want] != 0) & ~seen
 
     columns = [INDEX[c] for c in CARD_COLUMNS]
@@ -196,7 +196,7 @@ def _card_features_in_groups(ev: CardEvents, out: np.ndarray, rows: np.ndarray,
         out[np.ix_(mine, columns)] = res[:, columns]
 
 
-def _ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(slice id, position) for every position of the slices [lo_i, hi_i)."""
     lengths = np.maximum(hi - lo, 0)
     owner = np.repeat(np.arange(len(lo)), lengths)
@@ -204,20 +204,20 @@ def _ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, starts + np.arange(int(lengths.sum()))
 
 
-def _distinct_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
+def distinct_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Distinct values among positions [lo_i, at_i] for each i."""
-    owner, pos = _ragged(lo, at + 1)
+    owner, pos = ragged(lo, at + 1)
     pairs = np.unique(owner * (2**32) + value[pos])
     return np.bincount(pairs // (2**32), minlength=len(at)).astype(np.float64)
 
 
-def _seen_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
+def seen_in_slices(value: np.ndarray, lo: np.ndarray, at: np.ndarray) -> np.ndarray:
     """Whether value[at_i] occurs among positions [lo_i, at_i)."""
     prev = at - 1  # most often the card's previous event has it: no need to look further
     seen = (prev >= lo) & (value[np.maximum(prev, 0)] == value[at])
     rest = np.flatnonzero(~seen)
     if rest.size:
-        owner, pos = _ragged(lo[rest], at[rest])
+        owner, pos = ragged(lo[rest], at[rest])
         hit = value[pos] == value[at[rest]][owner]
         seen[rest] = np.bincount(owner[hit], minlength=len(rest)) > 0
     return seen
@@ -240,6 +240,68 @@ def _distinct_in_window(card: np.ndarray, value: np.ndarray, lo: np.ndarray) -> 
     np.add.at(diff, first_i[ok], 1)
     np.add.at(diff, last_i[ok] + 1, -1)
     return np.cumsum(diff)[:n].astype(np.float64)
+
+
+def first_after(values: np.ndarray, lo: np.ndarray, hi: np.ndarray, x: np.ndarray
+                ) -> np.ndarray:
+    """Per i, the first position in [lo_i, hi_i) whose value exceeds x_i (hi_i if none), for
+    slices sorted ascending: one vectorised binary search over many slices of one array."""
+    lo, hi = lo.copy(), hi.copy()
+    last = len(values) - 1
+    while True:
+        active = lo < hi
+        if not active.any():
+            return lo
+        mid = (lo + hi) >> 1
+        right = active & (values[np.minimum(mid, last)] <= x)
+        lo = np.where(right, mid + 1, lo)
+        hi = np.where(active & ~right, mid, hi)
+
+
+def card_features_at(rec_t: np.ndarray, amount: np.ndarray, cum_cents: np.ndarray,
+                     cum_small: np.ndarray, terminal: np.ndarray, device: np.ndarray,
+                     country: np.ndarray, start: np.ndarray, pos: np.ndarray,
+                     out: np.ndarray) -> None:
+    """:func:`card_features` for the events at `pos` of a columnar store in which each
+    card's events lie contiguous from `start` (per requested row) in (time, arrival) order,
+    with inclusive running sums of cents and of small amounts.
+
+    Each window is a binary search inside the card's own rows and a difference of running
+    sums, so the cost does not grow with the history held; the arithmetic is that of
+    :func:`card_features`, so the numbers are the same bit for bit.
+    """
+    n = len(pos)
+    if n == 0:
+        return
+    res = np.empty((n, out.shape[1]), dtype=np.float64)
+    t = rec_t[pos]
+    spans = [days * DAY_US for days in CARD_WINDOWS_DAYS] + [BURST_WINDOW_US]
+    if CARD_LOOKBACK_US not in spans:
+        spans.append(CARD_LOOKBACK_US)
+    bounds = first_after(rec_t, np.tile(start, len(spans)), np.tile(pos, len(spans)),
+                         np.concatenate([t - span for span in spans])).reshape(len(spans), n)
+    for j, days in enumerate(CARD_WINDOWS_DAYS):
+        lo = bounds[j]
+        count = pos - lo + 1
+        cents = cum_cents[pos] - cum_cents[lo] + np.rint(amount[lo] * 100.0).astype(np.int64)
+        res[:, INDEX[f"card_count_{days}d"]] = count
+        res[:, INDEX[f"card_mean_amount_{days}d"]] = cents / 100.0 / count
+    lo_burst, lo_lookback = bounds[len(CARD_WINDOWS_DAYS)], bounds[spans.index(CARD_LOOKBACK_US)]
+    mean_30d = res[:, INDEX["card_mean_amount_30d"]]
+    res[:, INDEX["card_amount_ratio_30d"]] = np.divide(amount[pos], mean_30d,
+                                                       out=np.ones(n), where=mean_30d > 0)
+    has_prev = pos > start
+    gap = (t - np.where(has_prev, rec_t[pos - has_prev], t)) / SECOND_US
+    res[:, INDEX["card_secs_since_prev"]] = np.where(has_prev, np.minimum(gap, SECONDS_SINCE_CAP),
+                                                     SECONDS_SINCE_CAP)
+    res[:, INDEX["card_small_count_10m"]] = (cum_small[pos] - cum_small[lo_burst]
+                                             + (amount[lo_burst] <= SMALL_AMOUNT))
+    lo_day = bounds[CARD_WINDOWS_DAYS.index(1)]
+    res[:, INDEX["card_distinct_terminals_1d"]] = distinct_in_slices(terminal, lo_day, pos)
+    for column, v in (("card_new_device", device), ("card_new_country", country)):
+        res[:, INDEX[column]] = (v[pos] != 0) & ~seen_in_slices(v, lo_lookback, pos)
+    columns = [INDEX[c] for c in CARD_COLUMNS]
+    out[:, columns] = res[:, columns]
 
 
 CARD_COLUMNS: tuple[str, ...] = (

@@ -30,18 +30,19 @@ from features.online import (
     StaleEvents,
 )
 from features.stream import take_events, take_labels
+from features.windows import CARD_COLUMNS
 
-StoreFactory = Callable[[], RedisFeatureStore]
+StoreFactory = Callable[..., RedisFeatureStore]
 
 
 @pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.integration)])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     if request.param == "fakeredis":
         server = fakeredis.FakeServer()
-        return lambda: RedisFeatureStore(fakeredis.FakeRedis(server=server))
+        return lambda **kw: RedisFeatureStore(fakeredis.FakeRedis(server=server), **kw)
     client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
     namespace = f"t-{uuid.uuid4().hex[:8]}"
-    return lambda: RedisFeatureStore(client, namespace=namespace)
+    return lambda **kw: RedisFeatureStore(client, **{"namespace": namespace, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,7 @@ def test_parity_holds_when_cards_are_reread_every_batch(make_store: StoreFactory
     online = stream(_Forgetful(store), tx, labels, 300)  # type: ignore[arg-type]
     assert np.array_equal(online, compute_features(tx, labels).to_numpy())
     card = tx["customer_id"].iloc[-1]
-    cached = bytes(store._cards[card])
+    cached = bytes(store._arena.records_of(card))
     assert store._r.get(store._k("card", card)) == cached
     # 40 days streamed: the oldest days were trimmed away, in Redis too
     first = np.frombuffer(cached, dtype=CARD_RECORD)["t_us"][0]
@@ -238,7 +239,7 @@ def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.Mon
     with pytest.raises(FeatureStoreUnavailable, match="connection reset"):
         store.flush()
     monkeypatch.undo()  # the pooled connection reconnects
-    assert not set(batch.cards) & set(store._cards)
+    assert not set(batch.cards) & set(store._arena.slot)
     again = store.update_many(batch)
     assert np.array_equal(again, first)
     offline = compute_features(tx.iloc[:2400]).to_numpy()
@@ -296,3 +297,55 @@ def test_every_state_key_expires(make_store: StoreFactory, data) -> None:
         if kind not in ("lablog", "labseq", "cl", "tl"):
             assert store._r.ttl(key) > 0, key
     assert {"card", "tb", "lab"} <= set(kinds), kinds
+
+
+def test_parity_holds_with_a_small_card_cache(make_store: StoreFactory, data) -> None:
+    """A cache of 12 cards (the data has 80): least recently used cards are evicted after
+    each batch, never the batch's own, and read back from Redis when they come again."""
+    tx, labels = data
+    store = make_store(cache_cards=12)
+    online = stream(store, tx, labels, 60)
+    assert np.array_equal(online, compute_features(tx, labels).to_numpy())
+    assert len(store._arena) <= 60
+
+
+def test_late_events_are_inserted_in_time_order(make_store: StoreFactory, data) -> None:
+    """Events arriving up to 20 hours late join their card's history in time order: each
+    sees exactly the earlier events that arrived before it, and the card's Redis value,
+    replaced whole, reads back the same (a worker that rereads every card agrees)."""
+    tx, _ = data
+    tx = tx.iloc[:2500].reset_index(drop=True)
+    ev = events_from_frame(tx)
+    rng = np.random.default_rng(5)
+    delay = np.where(rng.random(len(tx)) < 0.1, rng.integers(1, 20 * 3_600_000_000, len(tx)), 0)
+    arrival = np.lexsort((np.arange(len(tx)), ev.t_us + delay))
+    outputs = []
+    for forgetful in (False, True):
+        store = make_store(namespace=f"late-{forgetful}-{uuid.uuid4().hex[:6]}")
+        out = np.zeros((len(tx), len(FEATURE_NAMES)))
+        for a in range(0, len(tx), 97):
+            idx = arrival[a:a + 97]
+            if forgetful:
+                store.invalidate()
+            out[idx] = store.update_many(take_events(ev, idx))
+        outputs.append(out)
+        late = np.flatnonzero(delay > 0)
+        cards = tx["customer_id"].to_numpy()
+        cached = [c for c in np.unique(cards[late]) if store._arena.records_of(c) is not None]
+        assert cached
+        for card in cached:
+            assert store._r.get(store._k("card", card)) == store._arena.records_of(card)
+    assert np.array_equal(outputs[0], outputs[1])
+    # each late event against the offline computation over what had arrived before it
+    columns = [INDEX[c] for c in CARD_COLUMNS]
+    rank = np.empty(len(tx), dtype=np.int64)
+    rank[arrival] = np.arange(len(tx))
+    for i in np.flatnonzero(delay > 0)[:40]:
+        card = tx["customer_id"].iloc[i]
+        seen = np.flatnonzero((rank < rank[i]) & (tx["customer_id"] == card).to_numpy()
+                              & (ev.t_us <= ev.t_us[i]))
+        # ties in time: the one that arrived first comes first
+        rows = np.r_[seen[np.lexsort((rank[seen], ev.t_us[seen]))], i]
+        part = tx.iloc[rows].reset_index(drop=True)
+        expected = compute_features(part).to_numpy()[-1]
+        assert np.array_equal(outputs[0][i, columns], expected[columns]), i

@@ -1,0 +1,331 @@
+"""Worker-memory card histories in one columnar arena: the state a worker's partitions own.
+
+Every cached card owns a region of one shared record array holding its kept events in
+(time, arrival) order, with room to grow, and running sums of cents and of small amounts
+beside them. A batch then reads only its events' window bounds (binary searches inside each
+card's region) instead of gathering every history it touches, and appends in place.
+Regions that outgrow their room move to the arena's end; the arena is compacted when full.
+
+Redis holds the same records (see :mod:`features.online`); while a card is ``ordered`` its
+Redis value is byte for byte its region, so new records are appended there too. A late
+event (older than its card's newest) is inserted in time order here, and the card's Redis
+value is then replaced whole on the next write.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from features.definitions import SMALL_AMOUNT
+from features.windows import card_features_at, first_after, ragged
+
+# One stored card event: the card windows' inputs (nothing personal: terminal, device and
+# country as opaque equality keys), the transaction id's hash (redelivery), and the counts
+# it was scored with: terminal windows (counts 1/7/30 d, frauds 1/7/30 d), then labels so
+# far (card labels, card frauds, terminal labels, terminal frauds).
+CARD_RECORD = np.dtype([
+    ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
+    ("country", "<u4"), ("tx", "<u8"), ("inputs", "<u4", (10,)),
+])
+_NONE = np.iinfo(np.int64).min
+
+
+def whole_records(blob: bytes | None) -> bytes:
+    """Stored card events; a blob that is not whole records is treated as empty."""
+    if not blob or len(blob) % CARD_RECORD.itemsize:
+        return b""
+    return bytes(blob)
+
+
+def _grown(a: np.ndarray, size: int, fill: object = 0) -> np.ndarray:
+    out = np.full(size, fill, dtype=a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+def _cents(amount: np.ndarray) -> np.ndarray:
+    return np.rint(amount * 100.0).astype(np.int64)
+
+
+def _running(values: np.ndarray, counts: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Running sums of `values` restarted per group (groups of `counts` rows, in order),
+    each continuing from its `first`."""
+    total = np.cumsum(values)
+    before = np.concatenate(([0], total))[np.cumsum(counts) - counts]
+    return total - np.repeat(before - first, counts)
+
+
+class CardArena:
+    """Card token → its kept events, columnar; least recently used cards are evicted."""
+
+    def __init__(self, capacity: int, key: Callable[[str], str]) -> None:
+        self.capacity = capacity
+        self._key = key  # a card's Redis key
+        self.clear()
+
+    def clear(self) -> None:
+        self.slot: dict[str, int] = {}
+        self.tokens: list[str | None] = []
+        self.keys: list[str | None] = []  # per slot, its card's Redis key
+        self._free: list[int] = []
+        self.base = np.zeros(0, dtype=np.int64)  # region [base, base + cap)
+        self.cap = np.zeros(0, dtype=np.int64)
+        self.start = np.zeros(0, dtype=np.int64)  # live records [start, start + length)
+        self.length = np.zeros(0, dtype=np.int64)
+        self.ordered = np.zeros(0, dtype=bool)  # Redis holds exactly the live records
+        self.renewed = np.zeros(0, dtype=np.float64)  # when the key's TTL was last renewed
+        self.used = np.zeros(0, dtype=np.int64)  # the batch that last read the card
+        self.clock = 0
+        self.rec = np.zeros(1024, dtype=CARD_RECORD)
+        self.t = np.zeros(1024, dtype=np.int64)  # rec["t_us"], contiguous: binary searches
+        self.cum_cents = np.zeros(1024, dtype=np.int64)
+        self.cum_small = np.zeros(1024, dtype=np.int64)
+        self.top = 0
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    # ---- cards --------------------------------------------------------------------------
+
+    def lookup(self, tokens: Sequence[str]) -> np.ndarray:
+        """Slots of `tokens` (-1: not cached); marks the cached ones as used now."""
+        self.clock += 1
+        slots = np.fromiter(map(self.slot.get, tokens, itertools.repeat(-1)), dtype=np.int64,
+                            count=len(tokens))
+        self.used[slots[slots >= 0]] = self.clock
+        return slots
+
+    def load(self, tokens: Sequence[str], blobs: Sequence[bytes | None]) -> None:
+        """Cache cards read from Redis (`blobs`: their values, None when absent)."""
+        wholes = [whole_records(b) for b in blobs]
+        counts = np.fromiter(map(len, wholes), dtype=np.int64,
+                             count=len(wholes)) // CARD_RECORD.itemsize
+        recs = np.frombuffer(b"".join(wholes), dtype=CARD_RECORD)
+        slots = self._new_slots(tokens)
+        self._reserve(slots, counts)
+        group = np.repeat(np.arange(len(slots)), counts)
+        order = np.lexsort((np.arange(len(recs)), recs["t_us"], group))
+        moved = np.bincount(group[order != np.arange(len(recs))], minlength=len(slots))
+        corrupt = np.fromiter((bool(b) and not w for b, w in zip(blobs, wholes, strict=True)),
+                              dtype=bool, count=len(blobs))
+        self.ordered[slots] = (moved == 0) & ~corrupt
+        recs = recs[order]
+        dest = np.repeat(self.start[slots], counts) + (
+            np.arange(len(recs)) - np.repeat(np.cumsum(counts) - counts, counts))
+        self.rec[dest] = recs
+        self.t[dest] = recs["t_us"]
+        zero = np.zeros(len(slots), dtype=np.int64)
+        self.cum_cents[dest] = _running(_cents(recs["amount"]), counts, zero)
+        self.cum_small[dest] = _running((recs["amount"] <= SMALL_AMOUNT).astype(np.int64),
+                                        counts, zero)
+        self.length[slots] = counts
+
+    def _new_slots(self, tokens: Sequence[str]) -> np.ndarray:
+        fresh = len(tokens) - len(self._free)
+        if fresh > 0:
+            size = len(self.tokens) + fresh
+            self.tokens += [None] * fresh
+            self.keys += [None] * fresh
+            self._free += range(size - fresh, size)
+            if size > len(self.base):
+                grow = max(size, 2 * len(self.base))
+                self.base, self.cap = _grown(self.base, grow), _grown(self.cap, grow)
+                self.start, self.length = _grown(self.start, grow), _grown(self.length, grow)
+                self.ordered = _grown(self.ordered, grow)
+                self.renewed = _grown(self.renewed, grow, -np.inf)
+                self.used = _grown(self.used, grow)
+        slots = np.array(self._free[-len(tokens):][::-1] if tokens else [], dtype=np.int64)
+        del self._free[len(self._free) - len(tokens):]
+        for token, s in zip(tokens, slots.tolist(), strict=True):
+            self.slot[token] = s
+            self.tokens[s] = token
+            self.keys[s] = self._key(token)
+        self.base[slots] = self.start[slots] = self.top
+        self.cap[slots] = self.length[slots] = 0
+        self.renewed[slots] = -np.inf
+        self.used[slots] = self.clock
+        return slots
+
+    def drop(self, tokens: Sequence[str]) -> None:
+        """Forget cards (their regions become garbage, reclaimed by the next compaction)."""
+        gone = [self.slot.pop(t) for t in tokens if t in self.slot]
+        for s in gone:
+            self.tokens[s] = self.keys[s] = None
+        self._free += gone
+
+    def evict(self) -> None:
+        """Above capacity: drop the least recently used tenth, never the last batch's."""
+        excess = len(self.slot) - self.capacity
+        if excess <= 0:
+            return
+        live = np.fromiter(self.slot.values(), dtype=np.int64, count=len(self.slot))
+        live = live[self.used[live] < self.clock]
+        k = min(len(live), excess + self.capacity // 10)
+        if k:
+            victims = live[np.argpartition(self.used[live], k - 1)[:k]]
+            self.drop([self.tokens[s] for s in victims.tolist()])  # type: ignore[misc]
+
+    def records_of(self, token: str) -> bytes | None:
+        """A cached card's live records, as its Redis value holds them when ordered."""
+        s = self.slot.get(token)
+        return None if s is None else self.records(s)
+
+    def records(self, slot: int) -> bytes:
+        a = int(self.start[slot])
+        return self.rec[a:a + int(self.length[slot])].tobytes()
+
+    # ---- records ------------------------------------------------------------------------
+
+    def newest(self, slots: np.ndarray) -> np.ndarray:
+        """Per slot, its newest event time (int64 min when it has none)."""
+        last = self.t[np.maximum(self.start[slots] + self.length[slots] - 1, 0)]
+        return np.where(self.length[slots] > 0, last, _NONE)
+
+    def oldest(self, slots: np.ndarray) -> np.ndarray:
+        """Per slot, its oldest event time (int64 max when it has none)."""
+        first = self.t[np.minimum(self.start[slots], len(self.t) - 1)]
+        return np.where(self.length[slots] > 0, first, np.iinfo(np.int64).max)
+
+    def find(self, slots: np.ndarray, t_us: np.ndarray, tx: np.ndarray) -> np.ndarray:
+        """Per event, the arena position of its card's record of the same transaction (a
+        redelivery: same event time, same id hash), or -1."""
+        times = self.t
+        start, end = self.start[slots], self.start[slots] + self.length[slots]
+        lo = _first_at_least(times, start, end, t_us)
+        hi = first_after(times, lo, end, t_us)
+        found = np.full(len(slots), -1, dtype=np.int64)
+        owner, pos = ragged(lo, hi)
+        hit = self.rec["tx"][pos] == tx[owner]
+        found[owner[hit]] = pos[hit]
+        return found
+
+    def features(self, pos: np.ndarray, slots: np.ndarray, out: np.ndarray) -> None:
+        """Card window columns of the records at `pos` (of cards `slots`) into `out`."""
+        rec = self.rec
+        card_features_at(self.t, rec["amount"], self.cum_cents, self.cum_small,
+                         rec["terminal"], rec["device"], rec["country"], self.start[slots],
+                         pos, out)
+
+    def insert(self, slots: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Add new records (`slots`: their cards) in (time, input) order; returns their
+        arena positions. A card whose new events are not all at or after its newest one
+        has its region re-sorted and is marked not ``ordered``."""
+        n = len(new)
+        order = np.lexsort((np.arange(n), new["t_us"], slots))
+        rec = new[order]
+        touched, first, counts = np.unique(slots[order], return_index=True, return_counts=True)
+        late = rec["t_us"][first] < self.newest(touched)
+        self._reserve(touched, counts)
+        group = np.repeat(np.arange(len(touched)), counts)
+        dest = (self.start[touched] + self.length[touched])[group] + (np.arange(n) - first[group])
+        if late.any():
+            fast = ~late[group]
+            self._place(dest[fast], rec[fast], counts[~late], touched[~late])
+            for g in np.flatnonzero(late).tolist():
+                rows = slice(int(first[g]), int(first[g] + counts[g]))
+                dest[rows] = self._merge(int(touched[g]), rec[rows])
+        else:
+            self._place(dest, rec, counts, touched)
+        pos = np.empty(n, dtype=np.int64)
+        pos[order] = dest
+        return pos
+
+    def _place(self, dest: np.ndarray, rec: np.ndarray, counts: np.ndarray,
+               slots: np.ndarray) -> None:
+        """Append records at the ends of their cards' regions (room reserved)."""
+        s = self.start[slots]
+        last = np.maximum(s + self.length[slots] - 1, 0)
+        has = self.length[slots] > 0
+        self.rec[dest] = rec
+        self.t[dest] = rec["t_us"]
+        self.cum_cents[dest] = _running(_cents(rec["amount"]), counts,
+                                        np.where(has, self.cum_cents[last], 0))
+        self.cum_small[dest] = _running((rec["amount"] <= SMALL_AMOUNT).astype(np.int64), counts,
+                                        np.where(has, self.cum_small[last], 0))
+        self.length[slots] += counts
+
+    def _merge(self, slot: int, rec: np.ndarray) -> np.ndarray:
+        """Insert late records into one card's region in time order (rare: the slow path)."""
+        a = int(self.start[slot])
+        b = a + int(self.length[slot])
+        both = np.concatenate([self.rec[a:b], rec])
+        order = np.lexsort((np.arange(len(both)), both["t_us"]))
+        both = both[order]
+        self.rec[a:a + len(both)] = both
+        self.t[a:a + len(both)] = both["t_us"]
+        self.cum_cents[a:a + len(both)] = np.cumsum(_cents(both["amount"]))
+        self.cum_small[a:a + len(both)] = np.cumsum(both["amount"] <= SMALL_AMOUNT)
+        self.length[slot] = len(both)
+        self.ordered[slot] = False
+        where = np.empty(len(both), dtype=np.int64)
+        where[order] = np.arange(len(both))
+        return a + where[b - a:]
+
+    def trim(self, slot: int, horizon: int) -> int:
+        """Drop a card's leading records at or before `horizon`; returns how many."""
+        a = int(self.start[slot])
+        t = self.t[a:a + int(self.length[slot])]
+        k = int(np.searchsorted(t, horizon, side="right"))
+        self.start[slot] += k
+        self.length[slot] -= k
+        return k
+
+    # ---- space --------------------------------------------------------------------------
+
+    def _reserve(self, slots: np.ndarray, extra: np.ndarray) -> None:
+        """Room for `extra` more records after each card's live ones (`slots` distinct):
+        regions too small move to the arena's end with half again the room they need."""
+        for _ in range(2):
+            need = self.length[slots] + extra
+            move = self.start[slots] + need > self.base[slots] + self.cap[slots]
+            if not move.any():
+                return
+            new_cap = need[move] + np.maximum(need[move] // 2, 8)
+            if self.top + int(new_cap.sum()) <= len(self.rec):
+                break
+            self._compact(int(new_cap.sum()))
+        movers = slots[move]
+        new_base = self.top + np.cumsum(new_cap) - new_cap
+        self._copy(movers, new_base)
+        self.base[movers] = self.start[movers] = new_base
+        self.cap[movers] = new_cap
+        self.top += int(new_cap.sum())
+
+    def _copy(self, slots: np.ndarray, dest: np.ndarray) -> None:
+        owner, src = ragged(self.start[slots], self.start[slots] + self.length[slots])
+        to = dest[owner] + (src - self.start[slots][owner])
+        self.rec[to] = self.rec[src]
+        self.t[to] = self.t[src]
+        self.cum_cents[to] = self.cum_cents[src]
+        self.cum_small[to] = self.cum_small[src]
+
+    def _compact(self, extra: int) -> None:
+        """Lay every cached card's records out afresh (garbage dropped), with room for
+        `extra` more records at the end; the arena grows when that much is not free."""
+        live = np.fromiter(self.slot.values(), dtype=np.int64, count=len(self.slot))
+        cap = self.length[live] + np.maximum(self.length[live] // 2, 8)
+        used = int(cap.sum())
+        size = max(len(self.rec), 2 * (used + extra))
+        old_rec, old_t, old_cents, old_small = self.rec, self.t, self.cum_cents, self.cum_small
+        self.rec = np.zeros(size, dtype=CARD_RECORD)
+        self.t = np.zeros(size, dtype=np.int64)
+        self.cum_cents = np.zeros(size, dtype=np.int64)
+        self.cum_small = np.zeros(size, dtype=np.int64)
+        owner, src = ragged(self.start[live], self.start[live] + self.length[live])
+        base = np.cumsum(cap) - cap
+        to = base[owner] + (src - self.start[live][owner])
+        self.rec[to] = old_rec[src]
+        self.t[to] = old_t[src]
+        self.cum_cents[to] = old_cents[src]
+        self.cum_small[to] = old_small[src]
+        self.base[live] = self.start[live] = base
+        self.cap[live] = cap
+        self.top = used
+
+
+def _first_at_least(values: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                    x: np.ndarray) -> np.ndarray:
+    return first_after(values, lo, hi, x - 1)
