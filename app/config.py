@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     )
     redis_namespace: str = Field(default="fs", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                                  description="prefix of every Redis key this service writes")
+    cache_cards: Annotated[int, Field(ge=1)] = Field(
+        default=250_000, description="cards a worker keeps in memory, least recently used "
+        "evicted (100 bytes per kept event, up to half again as room to grow)")
     group_id: str = Field(default="fraudscore-scorer", min_length=1)
     topic_transactions: str = "transactions"
     topic_labels: str = "fraud-labels"

@@ -123,7 +123,8 @@ def build_scorer(
         if settings.shadow_model_dir else None
     cipher, key_watcher = pii_cipher(settings, pii_key)
     scorer = Scorer(
-        store=RedisFeatureStore(client, namespace=settings.redis_namespace),
+        store=RedisFeatureStore(client, namespace=settings.redis_namespace,
+                                cache_cards=settings.cache_cards),
         model=runtime,
         tokenizer=Tokenizer(token_key),
         cipher=cipher,
