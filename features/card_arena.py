@@ -4,7 +4,10 @@ Every cached card owns a region of one shared record array holding its kept even
 (time, arrival) order, with room to grow, and running sums of cents and of small amounts
 beside them. A batch then reads only its events' window bounds (binary searches inside each
 card's region) instead of gathering every history it touches, and appends in place.
-Regions that outgrow their room move to the arena's end; the arena is compacted when full.
+Regions have power-of-two sizes: one that outgrows its room moves to a free region of the
+next size (freed regions are kept per size for reuse), so nothing is ever compacted and no
+batch pays for the whole cache; after a trim the live records slide back to the region's
+start. The arena doubles when no free region fits.
 
 Redis holds the same records (see :mod:`features.online`); while a card is ``ordered`` its
 Redis value is byte for byte its region, so new records are appended there too. A late
@@ -83,7 +86,8 @@ class CardArena:
         self.t = np.zeros(1024, dtype=np.int64)  # rec["t_us"], contiguous: binary searches
         self.cum_cents = np.zeros(1024, dtype=np.int64)
         self.cum_small = np.zeros(1024, dtype=np.int64)
-        self.top = 0
+        self.top = 0  # space past every region
+        self._pools: dict[int, list[int]] = {}  # region size → bases of free regions
 
     def __len__(self) -> int:
         return len(self.slot)
@@ -150,11 +154,14 @@ class CardArena:
         return slots
 
     def drop(self, tokens: Sequence[str]) -> None:
-        """Forget cards (their regions become garbage, reclaimed by the next compaction)."""
+        """Forget cards (their regions are freed for reuse)."""
         gone = [self.slot.pop(t) for t in tokens if t in self.slot]
         for s in gone:
             self.tokens[s] = self.keys[s] = None
         self._free += gone
+        at = np.array(gone, dtype=np.int64)
+        self._release(self.base[at], self.cap[at])
+        self.cap[at] = 0
 
     def evict(self) -> None:
         """Above capacity: drop the least recently used tenth, never the last batch's."""
@@ -276,25 +283,28 @@ class CardArena:
     # ---- space --------------------------------------------------------------------------
 
     def _reserve(self, slots: np.ndarray, extra: np.ndarray) -> None:
-        """Room for `extra` more records after each card's live ones (`slots` distinct):
-        regions too small move to the arena's end with half again the room they need."""
-        for _ in range(2):
-            need = self.length[slots] + extra
-            move = self.start[slots] + need > self.base[slots] + self.cap[slots]
-            if not move.any():
-                return
-            new_cap = need[move] + np.maximum(need[move] // 2, 8)
-            if self.top + int(new_cap.sum()) <= len(self.rec):
-                break
-            self._compact(int(new_cap.sum()))
-        movers = slots[move]
-        new_base = self.top + np.cumsum(new_cap) - new_cap
-        self._copy(movers, new_base)
+        """Room for `extra` more records after each card's live ones (`slots` distinct).
+        A region with room enough once its trimmed head is reclaimed slides back to its
+        start; one too small moves to a free region of the next power-of-two size."""
+        need = self.length[slots] + extra
+        short = self.start[slots] + need > self.base[slots] + self.cap[slots]
+        if not short.any():
+            return
+        slots, need = slots[short], need[short]
+        slide = need <= self.cap[slots]
+        movers = slots[~slide]
+        new_cap = np.left_shift(1, np.ceil(np.log2(np.maximum(need[~slide], 8))).astype(np.int64))
+        new_base = self._alloc(new_cap)
+        self._copy(np.concatenate([slots[slide], movers]),
+                   np.concatenate([self.base[slots[slide]], new_base]))
+        self._release(self.base[movers], self.cap[movers])
+        self.start[slots[slide]] = self.base[slots[slide]]
         self.base[movers] = self.start[movers] = new_base
         self.cap[movers] = new_cap
-        self.top += int(new_cap.sum())
 
     def _copy(self, slots: np.ndarray, dest: np.ndarray) -> None:
+        """Move each card's live records to start at `dest` (gathered first: ranges may
+        overlap)."""
         owner, src = ragged(self.start[slots], self.start[slots] + self.length[slots])
         to = dest[owner] + (src - self.start[slots][owner])
         self.rec[to] = self.rec[src]
@@ -302,28 +312,35 @@ class CardArena:
         self.cum_cents[to] = self.cum_cents[src]
         self.cum_small[to] = self.cum_small[src]
 
-    def _compact(self, extra: int) -> None:
-        """Lay every cached card's records out afresh (garbage dropped), with room for
-        `extra` more records at the end; the arena grows when that much is not free."""
-        live = np.fromiter(self.slot.values(), dtype=np.int64, count=len(self.slot))
-        cap = self.length[live] + np.maximum(self.length[live] // 2, 8)
-        used = int(cap.sum())
-        size = max(len(self.rec), 2 * (used + extra))
-        old_rec, old_t, old_cents, old_small = self.rec, self.t, self.cum_cents, self.cum_small
-        self.rec = np.zeros(size, dtype=CARD_RECORD)
-        self.t = np.zeros(size, dtype=np.int64)
-        self.cum_cents = np.zeros(size, dtype=np.int64)
-        self.cum_small = np.zeros(size, dtype=np.int64)
-        owner, src = ragged(self.start[live], self.start[live] + self.length[live])
-        base = np.cumsum(cap) - cap
-        to = base[owner] + (src - self.start[live][owner])
-        self.rec[to] = old_rec[src]
-        self.t[to] = old_t[src]
-        self.cum_cents[to] = old_cents[src]
-        self.cum_small[to] = old_small[src]
-        self.base[live] = self.start[live] = base
-        self.cap[live] = cap
-        self.top = used
+    def _alloc(self, caps: np.ndarray) -> np.ndarray:
+        """Bases of new regions of these (power-of-two) sizes: freed ones first, then new
+        space at the end (the arena doubles when full; nothing is ever compacted)."""
+        bases = np.empty(len(caps), dtype=np.int64)
+        fresh = np.ones(len(caps), dtype=bool)
+        if self._pools:
+            for i, cap in enumerate(caps.tolist()):
+                pool = self._pools.get(cap)
+                if pool:
+                    bases[i] = pool.pop()
+                    fresh[i] = False
+        sizes = caps[fresh]
+        end = self.top + int(sizes.sum())
+        if end > len(self.rec):
+            self._grow(max(end, 2 * len(self.rec)))
+        bases[fresh] = self.top + np.cumsum(sizes) - sizes
+        self.top = end
+        return bases
+
+    def _release(self, bases: np.ndarray, caps: np.ndarray) -> None:
+        for base, cap in zip(bases.tolist(), caps.tolist(), strict=True):
+            if cap:
+                self._pools.setdefault(cap, []).append(base)
+
+    def _grow(self, size: int) -> None:
+        self.rec = _grown(self.rec, size)
+        self.t = _grown(self.t, size)
+        self.cum_cents = _grown(self.cum_cents, size)
+        self.cum_small = _grown(self.cum_small, size)
 
 
 def _first_at_least(values: np.ndarray, lo: np.ndarray, hi: np.ndarray,
