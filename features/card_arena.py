@@ -82,10 +82,13 @@ class CardArena:
         self.renewed = np.zeros(0, dtype=np.float64)  # when the key's TTL was last renewed
         self.used = np.zeros(0, dtype=np.int64)  # the batch that last read the card
         self.clock = 0
-        self.rec = np.zeros(1024, dtype=CARD_RECORD)
-        self.t = np.zeros(1024, dtype=np.int64)  # rec["t_us"], contiguous: binary searches
-        self.cum_cents = np.zeros(1024, dtype=np.int64)
-        self.cum_small = np.zeros(1024, dtype=np.int64)
+        # np.zeros takes untouched pages lazily from the OS: sizing the arena for the cache
+        # up front costs memory only as it fills, and spares the growing cache its copies
+        size = max(1024, min(16 * self.capacity, 1 << 24))
+        self.rec = np.zeros(size, dtype=CARD_RECORD)
+        self.t = np.zeros(size, dtype=np.int64)  # rec["t_us"], contiguous: binary searches
+        self.cum_cents = np.zeros(size, dtype=np.int64)
+        self.cum_small = np.zeros(size, dtype=np.int64)
         self.top = 0  # space past every region
         self._pools: dict[int, list[int]] = {}  # region size → bases of free regions
 
@@ -337,10 +340,11 @@ class CardArena:
                 self._pools.setdefault(cap, []).append(base)
 
     def _grow(self, size: int) -> None:
-        self.rec = _grown(self.rec, size)
-        self.t = _grown(self.t, size)
-        self.cum_cents = _grown(self.cum_cents, size)
-        self.cum_small = _grown(self.cum_small, size)
+        for name in ("rec", "t", "cum_cents", "cum_small"):
+            old = getattr(self, name)
+            new = np.zeros(size, dtype=old.dtype)
+            new[:self.top] = old[:self.top]
+            setattr(self, name, new)
 
 
 def _first_at_least(values: np.ndarray, lo: np.ndarray, hi: np.ndarray,
