@@ -60,7 +60,7 @@ class Settings(BaseSettings):
                                  description="prefix of every Redis key this service writes")
     cache_cards: Annotated[int, Field(ge=1)] = Field(
         default=250_000, description="cards a worker keeps in memory, least recently used "
-        "evicted (100 bytes per kept event, up to half again as room to grow)")
+        "evicted (100 bytes per kept event, its region rounded up to a power of two)")
     group_id: str = Field(default="fraudscore-scorer", min_length=1)
     topic_transactions: str = "transactions"
     topic_labels: str = "fraud-labels"
