@@ -2,9 +2,10 @@
 
 :func:`card_features` takes a table of card events (history and new events alike), sorts it
 by (card, time, arrival) and answers every window with binary searches and cumulative sums,
-so its cost is O(n log n) whatever the window lengths. Offline it runs over a whole history;
-online over the stored recent events of a batch's cards plus the batch, so both compute the
-same numbers in the same floating-point order.
+so its cost is O(n log n) whatever the window lengths; offline runs it over a whole history.
+Online, :func:`card_features_at` answers the same windows for a batch's events inside the
+worker's card arena (each card's events contiguous and in order, with running sums), with
+the same integer-cents arithmetic, so both compute the same numbers bit for bit.
 """
 
 from __future__ import annotations
