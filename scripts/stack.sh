@@ -16,6 +16,8 @@
 #   KAFKA_HEAP_OPTS        JVM heap flags                  (default -Xms128m -Xmx512m)
 #   KAFKA_OPTS             extra JVM flags                 (default none)
 #   KAFKA_READY_TIMEOUT    seconds to wait for the broker  (default 90)
+#   FRAUDSCORE_STACK_KEEP_DATA=1  keep the broker's topics across restarts
+#                          (default: a broker that `up` starts begins empty)
 #
 # Stdout carries ONLY the `export ...` lines (so `eval "$(... up)"` works);
 # every progress and error message goes to stderr.
@@ -273,6 +275,13 @@ start_kafka() {
     return 0
   fi
   rm -f "$KAFKA_PID"
+  # Every test run creates its own uniquely named topics, so a kept log dir only
+  # grows: thousands of partitions later the broker spends minutes loading them
+  # before it answers (a CI run failed that way). A fresh start begins empty.
+  if [[ "${FRAUDSCORE_STACK_KEEP_DATA:-0}" != "1" && -d "$KAFKA_DATA" ]]; then
+    log "dropping the previous broker's data in $KAFKA_DATA (FRAUDSCORE_STACK_KEEP_DATA=1 keeps it)"
+    rm -rf "$KAFKA_DATA"
+  fi
   write_kafka_config
   format_kafka_storage
 
