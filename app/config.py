@@ -70,7 +70,12 @@ class Settings(BaseSettings):
     topic_audit: str = "audit"
     emit_scores: bool = Field(default=True, description="write every score to the scores topic")
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
-    batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 20
+    batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
+        default=20, description="confluent: how long an idle worker waits for a batch's first "
+        "event; faust: the batch's time bound")
+    batch_linger_ms: Annotated[int, Field(ge=0, le=60_000)] = Field(
+        default=0, description="confluent: how long a batch then waits to fill; 0 takes what "
+        "has arrived, so batches stay small when input is light and grow with the backlog")
     max_event_bytes: Annotated[int, Field(ge=256, le=16 * 1024 * 1024)] = 64 * 1024
     max_future_skew_s: Annotated[float, Field(ge=0)] = Field(
         default=300.0, description="dead-letter events stamped further ahead than this; 0 = off"

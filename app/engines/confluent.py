@@ -142,11 +142,9 @@ class ConfluentEngine:
             [self.settings.topic_transactions, self.settings.topic_labels],
             on_assign=self._on_assign, on_revoke=self._on_rebalance,
         )
-        timeout = self.settings.batch_timeout_ms / 1000.0
         try:
             while not stop.is_set():
-                messages = self._consumer.consume(self.settings.batch_size, timeout)
-                records = self._records(messages)
+                records = self._records(self._next_batch())
                 if records:
                     self._process_with_retry(records, stop)
                 else:
@@ -168,6 +166,27 @@ class ConfluentEngine:
             except KafkaException as exc:  # fenced or failed at the end: nothing is lost
                 log.warning("producer not flushed at shutdown: %s", exc.args[0])
         return self.stats
+
+    def _next_batch(self) -> list[Message]:
+        """What has arrived, up to `batch_size`, without waiting for a full batch.
+
+        A blocking ``consume(batch_size, timeout)`` returns only when the batch is full or
+        the timeout ends, so under light input every event waited out the timeout and the
+        cycle it lengthened (at 5,000 events/s: 20 ms of waiting per batch, then the batch's
+        work on top). Taking what the client has already fetched keeps the cycle to the
+        work itself; under a backlog the batches fill as before. An idle worker sleeps in
+        the client until the first event arrives."""
+        size = self.settings.batch_size
+        messages = self._consumer.consume(size, 0)
+        if not messages:
+            messages = self._consumer.consume(1, self.settings.batch_timeout_ms / 1000.0)
+            if not messages:
+                return messages
+            messages += self._consumer.consume(size - 1, 0) if size > 1 else []
+        linger = self.settings.batch_linger_ms / 1000.0
+        if linger > 0 and len(messages) < size:
+            messages += self._consumer.consume(size - len(messages), linger)
+        return messages
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Take the assignment here, then align it before anything is fetched.
