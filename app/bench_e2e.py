@@ -425,20 +425,30 @@ class _Visibility(threading.Thread):
 
 
 def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
-             admin: AdminClient, log_path: Path) -> dict[str, Any]:
-    """Offer `cfg.rate` events/s to fresh workers; produce-to-visible latency per event."""
+             admin: AdminClient, log_path: Path, metrics_port: int = 0
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Offer `cfg.rate` events/s to fresh workers; produce-to-visible latency per event,
+    and (with `metrics_port`) where a batch's time went during the measured window."""
     topics = list(phase.topics.values())
     _create_topics(admin, topics, cfg.partitions)
     reader = _reader(bootstrap, phase.topics["scores"], cfg.partitions)
     watcher = _Visibility(reader)
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
     sent: dict[str, float] = {}
+    scraped: list[dict[str, float]] = []
+
+    def scrape() -> None:
+        if metrics_port:
+            scraped.append(_scrape(metrics_port))
+
     try:
         watcher.start()
         with _workers(phase, log_path) as proc:
             start = _wait_ready(proc, producer, phase, stream, sent, watcher, cfg, admin,
                                 log_path)
-            window = _offer(producer, phase.topics["transactions"], stream, start, sent, cfg)
+            window = _offer(producer, phase.topics["transactions"], stream, start, sent, cfg,
+                            scrape)
+            scrape()
             measured = [k for k, t in sent.items() if t >= window[0]]
             deadline = time.perf_counter() + cfg.drain_s
             while time.perf_counter() < deadline and any(k not in watcher.seen
@@ -456,6 +466,8 @@ def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
     missing = sum(1 for k in measured if k not in seen)
     in_window = sum(1 for t in seen.values() if window[0] <= t <= window[1])
     output_rate = in_window / (window[1] - window[0])
+    profile = (_profile(scraped[0], scraped[1], window[1] - window[0])
+               if len(scraped) == 2 else None)
     return {
         "latency_p50_ms": round(float(np.median(lat)), 1),
         "latency_p99_ms": round(float(np.quantile(lat, 0.99)), 1),
@@ -467,7 +479,7 @@ def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
         "output_rate_in_window": round(output_rate),
         # falling behind the offered rate: the latencies then grow with the window
         "saturated": missing > 0 or output_rate < 0.95 * cfg.rate,
-    }
+    }, profile
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], producer: Producer, phase: Phase,
@@ -503,12 +515,18 @@ def _wait_ready(proc: subprocess.Popen[bytes], producer: Producer, phase: Phase,
 
 
 def _offer(producer: Producer, topic: str, stream: Stream, start: int, sent: dict[str, float],
-           cfg: E2EConfig) -> tuple[float, float]:
-    """Produce at `cfg.rate` for warm-up + window; returns the measured window's bounds."""
+           cfg: E2EConfig, at_window: Callable[[], None] = lambda: None
+           ) -> tuple[float, float]:
+    """Produce at `cfg.rate` for warm-up + window (calling `at_window` once when the
+    warm-up ends); returns the measured window's bounds."""
     t0 = time.perf_counter()
     end = t0 + cfg.warmup_s + cfg.latency_s
     i = start
+    warm = True
     while (now := time.perf_counter()) < end:
+        if warm and now >= t0 + cfg.warmup_s:
+            warm = False
+            at_window()
         due = min(start + int((now - t0) * cfg.rate), len(stream))
         while i < due:
             _produce_one(producer, topic, stream.keys[i], stream.values[i])
@@ -543,9 +561,13 @@ def _variant(variant: str, stream: Stream, cfg: E2EConfig, base_env: dict[str, s
             _phase(variant, f"{name}.tput", base_env, namespace, port),
             stream.slice(0, cfg.events), cfg, bootstrap, admin, log_path, port)
         # the same Redis state (N events of history), fresh topics and workers
-        result.update(_latency(_phase(variant, f"{name}.lat", base_env, namespace),
-                               stream.slice(cfg.events, len(stream)), cfg, bootstrap, admin,
-                               log_path))
+        lat_port = _free_port() if port else 0
+        latency, lat_profile = _latency(
+            _phase(variant, f"{name}.lat", base_env, namespace, lat_port),
+            stream.slice(cfg.events, len(stream)), cfg, bootstrap, admin, log_path, lat_port)
+        result.update(latency)
+        if profile is not None and lat_profile is not None:
+            profile["latency_phase"] = lat_profile
         return result, profile
     finally:
         _drop_namespace(redis_url, namespace)
