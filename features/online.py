@@ -490,7 +490,7 @@ class RedisFeatureStore:
         is_first = first_of == np.arange(n)
         seen_at = arena.find(row_slot, batch.t_us, tx)
         new = is_first & (seen_at < 0)
-        _refuse_stale(batch.t_us, new, arena.newest(row_slot))
+        _refuse_stale(batch.t_us, new, arena.newest(row_slot), first_of)
         out = np.empty((n, N_FEATURES), dtype=np.float64)
         again = np.flatnonzero(is_first & (seen_at >= 0))
         if again.size:
@@ -930,10 +930,13 @@ def _check(batch: EventBatch) -> None:
         raise InvalidEvent(f"row {i}: missing {name}")
 
 
-def _refuse_stale(t_us: np.ndarray, new: np.ndarray, newest: np.ndarray) -> None:
+def _refuse_stale(t_us: np.ndarray, new: np.ndarray, newest: np.ndarray,
+                  first_of: np.ndarray) -> None:
     """Raise :class:`StaleEvents` for new events older than their card's kept history
-    (`newest`: per event, its card's newest stored event time, int64 min when none)."""
-    stale = new & (t_us + _KEEP_US <= newest)
+    (`newest`: per event, its card's newest stored event time, int64 min when none), and
+    for their repeats in the batch (`first_of`: each row's first occurrence): a repeat left
+    behind would be new on the retry and refused again."""
+    stale = (new & (t_us + _KEEP_US <= newest))[first_of]
     if stale.any():
         raise StaleEvents(np.flatnonzero(stale))
 

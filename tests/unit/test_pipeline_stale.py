@@ -60,6 +60,19 @@ def test_events_older_than_the_cards_kept_history_go_to_the_dlq() -> None:
     assert count_30d == 1.0  # the late event (day 30) sees none of alice's (day 50) events
 
 
+def test_a_late_event_repeated_in_its_batch_goes_to_the_dlq_with_its_repeat() -> None:
+    """Found by the fuzz test: the repeat was left in the batch, became new on the retry
+    and was refused again, uncaught."""
+    scorer = new_scorer()
+    scorer.process([record(0, 50, "alice")])
+    late = record(1, 10, "alice")
+    again = InputRecord(late.value, late.key, "transactions", 0, 3)
+    result = scorer.process([late, record(2, 51, "bob"), again])
+    assert result.transaction_ids == ["t2"]
+    assert [d.record.offset for d in result.dead] == [1, 3]
+    assert all("days before its card's newest event" in d.reason for d in result.dead)
+
+
 def test_an_event_from_year_one_among_hundreds_of_cards_is_scored() -> None:
     """A valid but absurd timestamp (0001-01-01) of a new card: applied like any event of a
     card with no history, without breaking its batch (int64 keys over 2,000 years)."""
