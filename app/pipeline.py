@@ -22,16 +22,7 @@ from pydantic_core import to_json
 
 from app.audit import AuditLog, features_hashes
 from app.metrics import NON_FINITE, STAGE_SECONDS
-from app.schemas import (
-    Alert,
-    AuditItem,
-    BatchTransaction,
-    Label,
-    Reason,
-    ScoreRecord,
-    Transaction,
-    batch_checked,
-)
+from app.schemas import Alert, AuditItem, Label, Reason, ScoreRecord, Transaction
 from app.security.envelope import FieldCipher, associated_data
 from app.security.keyring import KeyringWatcher
 from app.security.redact import Redactor
@@ -124,8 +115,6 @@ def _describe(exc: ValidationError) -> str:
 
 
 M = TypeVar("M", Transaction, Label)
-# the model a batch is validated with; what it leaves unchecked, batch_checked checks
-_BATCH_MODEL: dict[type, type] = {Transaction: BatchTransaction}
 
 
 @cache
@@ -162,8 +151,7 @@ def _validate_together(values: Sequence[bytes], model: type[M]) -> list[M | None
         if not joined:
             joined = b",".join([values[i] for i in todo])
         try:
-            items: list[M | None] = _list_adapter(_BATCH_MODEL.get(model, model)).validate_json(
-                b"[" + joined + b"]")
+            items: list[M | None] = _list_adapter(model).validate_json(b"[" + joined + b"]")
         except ValidationError as exc:
             failed: set[int] = set()
             for err in exc.errors(include_url=False, include_context=False, include_input=False):
@@ -173,8 +161,6 @@ def _validate_together(values: Sequence[bytes], model: type[M]) -> list[M | None
                 failed.add(loc[0])
             todo, joined = [i for k, i in enumerate(todo) if k not in failed], b""
             continue
-        if len(items) == len(todo) and model is Transaction:
-            items = batch_checked(items)  # type: ignore[arg-type]
         if len(items) == len(todo) == n:
             return items
         if len(items) == len(todo):
