@@ -20,7 +20,8 @@ Each variant is measured twice, on fresh topics each time:
    ``read_committed`` reader; p50/p99 over the events sent after the warm-up.
 
 While ``confluent_1w`` drains its N events, its /metrics stage histograms give the
-``profile``: where a batch's time goes.
+``profile``: where a batch's time goes; ``profile.latency_phase`` is the same over the
+latency run's measured window (batch sizes there show how close to saturation it ran).
 """
 
 from __future__ import annotations
