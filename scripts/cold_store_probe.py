@@ -21,10 +21,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.bench import BenchConfig, _drop, _slice  # noqa: E402
-from app.simulator import simulate  # noqa: E402
-from features.offline import events_from_frame, labels_from_frame, micros  # noqa: E402
-from features.online import RedisFeatureStore  # noqa: E402
+from app.bench import BenchConfig, _drop, _slice
+from app.simulator import simulate
+from features.offline import events_from_frame, labels_from_frame, micros
+from features.online import RedisFeatureStore
 
 BATCH, WARM, MEASURED = 90, 5, 55
 
