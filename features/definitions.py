@@ -26,6 +26,7 @@ TERMINAL_WINDOWS_DAYS = (1, 7, 30)
 TERMINAL_DELAY_HOURS = 7 * 24
 CARD_LOOKBACK_US = 30 * DAY_US  # the longest card window: older events are never read
 BURST_WINDOW_US = 10 * MINUTE_US
+RECENT_WINDOW_US = 14 * DAY_US  # a card's recent spending, against its baseline before that
 SMALL_AMOUNT = 5.0  # card-testing probes are tiny amounts
 SECONDS_SINCE_CAP = 30 * 86_400.0  # "no previous transaction" reads as a month
 NIGHT_LAST_HOUR = 6
@@ -82,6 +83,11 @@ FEATURES: tuple[Feature, ...] = (
             "1 when the device was not used by the card in the last 30 days"),
     Feature("card_new_country", "card", "30d", 0.0,
             "1 when the country was not used by the card in the last 30 days"),
+    Feature("card_amount_ratio_baseline", "card", "14d-30d", 1.0,
+            "amount / card's mean amount 14 to 30 days before (1 when it had none)"),
+    Feature("card_max_ratio_14d", "card", "30d", 0.0,
+            "card's largest amount in the 14 days before this one / that same baseline mean "
+            "(0 when either is missing): a compromised card's recent outsized spending"),
     Feature("card_label_fraud_rate", "card", None, 0.0,
             "fraud share of the card's labels reported so far (0 when none)"),
     Feature("terminal_label_fraud_rate", "terminal", None, 0.0,

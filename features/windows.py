@@ -24,6 +24,7 @@ from features.definitions import (
     HOUR_US,
     INDEX,
     NIGHT_LAST_HOUR,
+    RECENT_WINDOW_US,
     SECOND_US,
     SECONDS_SINCE_CAP,
     SMALL_AMOUNT,
@@ -152,6 +153,13 @@ def card_features(ev: CardEvents, out: np.ndarray, rows: np.ndarray | None = Non
     res[:, INDEX["card_amount_ratio_30d"]] = np.divide(amount[want], mean_30d,
                                                        out=np.ones(len(want)), where=mean_30d > 0)
 
+    lo_recent = np.searchsorted(key, k - RECENT_WINDOW_US, side="right")
+    base_n = lo_recent - lo_lookback
+    base_mean = np.divide(cents[lo_recent] - cents[lo_lookback], 100.0 * base_n,
+                          out=np.zeros(len(want)), where=base_n > 0)
+    recent_max = slice_max(amount, lo_recent, want)
+    baseline_columns(amount[want], base_mean, recent_max, want > lo_recent, res)
+
     has_prev = want > group_start
     gap = (t[want] - np.where(has_prev, t[want - 1], t[want])) / SECOND_US
     res[:, INDEX["card_secs_since_prev"]] = np.where(has_prev, np.minimum(gap, SECONDS_SINCE_CAP),
@@ -195,6 +203,44 @@ def _card_features_in_groups(ev: CardEvents, out: np.ndarray, rows: np.ndarray,
         card_features(part, res, rows=np.searchsorted(sel, rows[mine]))
         columns = [INDEX[c] for c in CARD_COLUMNS]
         out[np.ix_(mine, columns)] = res[:, columns]
+
+
+def baseline_columns(amount: np.ndarray, base_mean: np.ndarray, recent_max: np.ndarray,
+                     has_recent: np.ndarray, res: np.ndarray) -> None:
+    """Amount and the card's largest recent amount, each over its mean 14-30 days before."""
+    known = base_mean > 0
+    res[:, INDEX["card_amount_ratio_baseline"]] = np.divide(
+        amount, base_mean, out=np.ones(len(amount)), where=known)
+    res[:, INDEX["card_max_ratio_14d"]] = np.divide(
+        recent_max, base_mean, out=np.zeros(len(amount)), where=known & has_recent)
+
+
+def slice_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max(values[lo_i:hi_i]) per i (0 for an empty slice).
+
+    Few short slices (online: a batch's windows inside the arena) are read directly; many
+    (offline: every row's window) go through a sparse table, O(n log L) for windows of up to
+    L rows, instead of materialising every window's rows."""
+    n = len(lo)
+    out = np.zeros(n, dtype=np.float64)
+    length = np.maximum(hi - lo, 0)
+    total = int(length.sum())
+    if total == 0:
+        return out
+    if total <= 4 * len(values) // max(int(length.max()).bit_length(), 1) or n < 64:
+        owner, pos = ragged(lo, hi)
+        np.maximum.at(out, owner, values[pos])
+        return out
+    rows = np.flatnonzero(length > 0)
+    level = np.frexp(length[rows].astype(np.float64))[1] - 1  # floor(log2(length))
+    table = np.asarray(values, dtype=np.float64)
+    for k in range(int(level.max()) + 1):
+        mine = rows[level == k]
+        if mine.size:
+            out[mine] = np.maximum(table[lo[mine]], table[hi[mine] - (1 << k)])
+        if k < int(level.max()):
+            table = np.maximum(table[:-(1 << k)], table[1 << k:])
+    return out
 
 
 def ragged(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,8 +323,9 @@ def card_features_at(rec_t: np.ndarray, amount: np.ndarray, cum_cents: np.ndarra
     res = np.empty((n, out.shape[1]), dtype=np.float64)
     t = rec_t[pos]
     spans = [days * DAY_US for days in CARD_WINDOWS_DAYS] + [BURST_WINDOW_US]
-    if CARD_LOOKBACK_US not in spans:
-        spans.append(CARD_LOOKBACK_US)
+    for span in (CARD_LOOKBACK_US, RECENT_WINDOW_US):
+        if span not in spans:
+            spans.append(span)
     bounds = first_after(rec_t, np.tile(start, len(spans)), np.tile(pos, len(spans)),
                          np.concatenate([t - span for span in spans])).reshape(len(spans), n)
     for j, days in enumerate(CARD_WINDOWS_DAYS):
@@ -291,6 +338,14 @@ def card_features_at(rec_t: np.ndarray, amount: np.ndarray, cum_cents: np.ndarra
     mean_30d = res[:, INDEX["card_mean_amount_30d"]]
     res[:, INDEX["card_amount_ratio_30d"]] = np.divide(amount[pos], mean_30d,
                                                        out=np.ones(n), where=mean_30d > 0)
+    lo_recent = bounds[spans.index(RECENT_WINDOW_US)]
+    base_n = lo_recent - lo_lookback
+    last_base = np.maximum(lo_recent - 1, lo_lookback)  # inclusive sums: [lo, lo_recent)
+    base_cents = (cum_cents[last_base] - cum_cents[lo_lookback]
+                  + np.rint(amount[lo_lookback] * 100.0).astype(np.int64))
+    base_mean = np.divide(base_cents, 100.0 * base_n, out=np.zeros(n), where=base_n > 0)
+    recent_max = slice_max(amount, lo_recent, pos)
+    baseline_columns(amount[pos], base_mean, recent_max, pos > lo_recent, res)
     has_prev = pos > start
     gap = (t - np.where(has_prev, rec_t[pos - has_prev], t)) / SECOND_US
     res[:, INDEX["card_secs_since_prev"]] = np.where(has_prev, np.minimum(gap, SECONDS_SINCE_CAP),
@@ -310,6 +365,7 @@ CARD_COLUMNS: tuple[str, ...] = (
     *[f"card_mean_amount_{d}d" for d in CARD_WINDOWS_DAYS],
     "card_amount_ratio_30d", "card_secs_since_prev", "card_small_count_10m",
     "card_distinct_terminals_1d", "card_new_device", "card_new_country",
+    "card_amount_ratio_baseline", "card_max_ratio_14d",
 )
 
 

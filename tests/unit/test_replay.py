@@ -23,6 +23,7 @@ from app import replay
 from app.cli import app
 from app.simulator import simulate
 from app.sources import write_frame, write_labels
+from features.definitions import N_FEATURES
 from features.offline import compute_features
 from models.ensemble import train_ensemble
 from models.registry import save
@@ -165,7 +166,7 @@ def test_drift_uses_the_training_deciles_and_scores_psi(replayed: Path) -> None:
         assert m["drift_reference"].startswith("training sample")
         assert m["score_psi"] is not None and m["score_psi"] >= 0
     assert set(summary["drift"]["A"]) == set(summary["drift"]["B"])
-    assert len(summary["drift"]["A"]) == 23
+    assert len(summary["drift"]["A"]) == N_FEATURES
 
 
 def test_replay_equals_the_file_engine(data: dict, models: dict, tmp_path: Path,
