@@ -228,8 +228,10 @@ def slice_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     if total == 0:
         return out
     if total <= 4 * len(values) // max(int(length.max()).bit_length(), 1) or n < 64:
-        owner, pos = ragged(lo, hi)
-        np.maximum.at(out, owner, values[pos])
+        _, pos = ragged(lo, hi)
+        full = length > 0  # slices lie back to back in `pos`: one reduceat over them
+        first = (np.cumsum(length) - length)[full]
+        out[full] = np.maximum.reduceat(values[pos], first)
         return out
     rows = np.flatnonzero(length > 0)
     level = np.frexp(length[rows].astype(np.float64))[1] - 1  # floor(log2(length))
