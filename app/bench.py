@@ -22,6 +22,7 @@ import pandas as pd
 import redis
 
 from app.simulator import simulate
+from features.card_arena import CARD_KIND
 from features.definitions import CARD_WINDOWS_DAYS, DAY_US, HOUR_US, TERMINAL_DELAY_HOURS
 from features.offline import events_from_frame, labels_from_frame, micros
 from features.online import EventBatch, RedisFeatureStore
@@ -154,7 +155,7 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
         stop.set()
         probe_lat = queue.get(timeout=30) or [float("nan")]
         probe.join(timeout=10)
-    memory_card = _memory(client, f"{ns}:card:*")
+    memory_card = _memory(client, f"{ns}:{CARD_KIND}:*")
     memory_bucket = _memory(client, f"{ns}:tb:*")
     _drop(client, f"{ns}*")
     measured = n - warm

@@ -22,17 +22,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from features.definitions import SMALL_AMOUNT
+from features.definitions import SMALL_AMOUNT, TERMINAL_WINDOWS_DAYS
 from features.windows import card_features_at, first_after, ragged
 
 # One stored card event: the card windows' inputs (nothing personal: terminal, device and
 # country as opaque equality keys), the transaction id's hash (redelivery), and the counts
-# it was scored with: terminal windows (counts 1/7/30 d, frauds 1/7/30 d), then labels so
-# far (card labels, card frauds, terminal labels, terminal frauds).
+# it was scored with: terminal windows (counts, then frauds, in TERMINAL_WINDOWS_DAYS
+# order), then labels so far (card labels, card frauds, terminal labels, terminal frauds).
 CARD_RECORD = np.dtype([
     ("t_us", "<i8"), ("amount", "<f8"), ("terminal", "<u4"), ("device", "<u4"),
-    ("country", "<u4"), ("tx", "<u8"), ("inputs", "<u4", (10,)),
+    ("country", "<u4"), ("tx", "<u8"), ("inputs", "<u4", (2 * len(TERMINAL_WINDOWS_DAYS) + 4,)),
 ])
+# The card keys' kind names the record size: records of another layout (another release)
+# are never read as these; their keys expire by TTL.
+CARD_KIND = f"card{CARD_RECORD.itemsize}"
 _NONE = np.iinfo(np.int64).min
 
 

@@ -22,7 +22,11 @@ HOUR_US = 60 * MINUTE_US
 DAY_US = 24 * HOUR_US
 
 CARD_WINDOWS_DAYS = (1, 7, 30)
-TERMINAL_WINDOWS_DAYS = (1, 7, 30)
+HANDBOOK_TERMINAL_WINDOWS_DAYS = (1, 7, 30)
+# fraudscore's own: 3 days tells a run of frauds (a compromised terminal) from one card's
+# fraud there; 21 days tells a compromise still under way from one that has run its course
+OWN_TERMINAL_WINDOWS_DAYS = (3, 21)
+TERMINAL_WINDOWS_DAYS = (1, 3, 7, 21, 30)  # every delayed terminal window the store keeps
 TERMINAL_DELAY_HOURS = 7 * 24
 CARD_LOOKBACK_US = 30 * DAY_US  # the longest card window: older events are never read
 BURST_WINDOW_US = 10 * MINUTE_US
@@ -54,9 +58,9 @@ def _card_windows() -> list[Feature]:
     return out
 
 
-def _terminal_windows() -> list[Feature]:
+def _terminal_windows(days: tuple[int, ...]) -> list[Feature]:
     out = []
-    for d in TERMINAL_WINDOWS_DAYS:
+    for d in days:
         out.append(Feature(f"terminal_count_{d}d", "terminal", f"{d}d-delay7d", 0.0,
                            f"terminal's transactions in the {d}-day window ending 7 days ago"))
         out.append(Feature(f"terminal_risk_{d}d", "terminal", f"{d}d-delay7d", 0.0,
@@ -70,7 +74,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("is_weekend", "transaction", None, 0.0, "1 on Saturday or Sunday (UTC)"),
     Feature("is_night", "transaction", None, 0.0, "1 when the UTC hour is 6 or earlier"),
     *_card_windows(),
-    *_terminal_windows(),
+    *_terminal_windows(HANDBOOK_TERMINAL_WINDOWS_DAYS),
     # fraudscore's own
     Feature("card_secs_since_prev", "card", "30d", SECONDS_SINCE_CAP,
             "seconds since the card's previous transaction, capped at 30 days"),
@@ -88,6 +92,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("card_max_ratio_14d", "card", "30d", 0.0,
             "card's largest amount in the 14 days before this one / that same baseline mean "
             "(0 when either is missing): a compromised card's recent outsized spending"),
+    *_terminal_windows(OWN_TERMINAL_WINDOWS_DAYS),
     Feature("card_label_fraud_rate", "card", None, 0.0,
             "fraud share of the card's labels reported so far (0 when none)"),
     Feature("terminal_label_fraud_rate", "terminal", None, 0.0,

@@ -4,7 +4,7 @@ Per micro-batch the store makes at most one read (one MULTI: new label-log entri
 what is not cached yet) and one write (one atomic Lua call: card appends, one terminal
 chunk per event hour). Keys (each carries a hash tag, so it maps to one Cluster slot):
 
-- ``{ns}:card:{<token>}``: the card's recent events, ``CARD_RECORD`` each (76 bytes: the
+- ``{ns}:card92:{<token>}``: the card's recent events, ``CARD_RECORD`` each (92 bytes: the
   window inputs, the transaction id's 64-bit hash, and the terminal and label counts the
   event was scored with, so a redelivered event is recognised and gets its first features
   back), appended each batch, rewritten when trimmed to 31 days;
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from features.card_arena import CARD_RECORD, CardArena
+from features.card_arena import CARD_KIND, CARD_RECORD, CardArena
 from features.definitions import (
     CARD_LOOKBACK_US,
     DAY_US,
@@ -74,7 +74,7 @@ _LOW32 = (1 << 32) - 1
 # One batch's writes, atomically. KEYS: cards to append to, cards to trim (or replace), then
 # one terminal bucket per event hour. ARGV: per appended card "1" (renew its TTL) or "0",
 # the number of appended cards, the number of trimmed ones, card TTL (ms), bucket TTL (s),
-# every appended card's new records in one buffer, their byte lengths ("76 152 ..."); per
+# every appended card's new records in one buffer, their byte lengths ("92 184 ..."); per
 # trimmed card the bytes to drop from its start (-1: replace the value) and its new
 # records; per hour its (terminals, counts) chunk. Trimming happens here, so only new records
 # cross the network.
@@ -408,7 +408,7 @@ class RedisFeatureStore:
         self._r = client
         self._ns = namespace
         # the owned cards' kept events, as in Redis; the least recently used are evicted
-        self._arena = CardArena(cache_cards, key=lambda card: f"{namespace}:card:{{{card}}}")
+        self._arena = CardArena(cache_cards, key=lambda card: f"{namespace}:{CARD_KIND}:{{{card}}}")
         self._terminals = _TerminalWindows(terminal_refresh_s)
         self._card_labels = _Counters(cache_labels)
         self._term_labels = _TerminalCounters()
@@ -554,7 +554,7 @@ class RedisFeatureStore:
                 else:
                     pipe.xrange(log, min=b"(" + self._log_id, count=_LOG_READ)
                 if missing:
-                    pipe.mget([self._k("card", c) for c in missing])
+                    pipe.mget([self._k(CARD_KIND, c) for c in missing])
                 cl_groups = self._queue_counters(pipe, "cl", miss_cl)
                 tl_groups = self._queue_counters(pipe, "tl", [self._terminals.names[i]
                                                               for i in miss_tl])
@@ -860,7 +860,7 @@ class RedisFeatureStore:
         card_ttl_ms = int((_KEEP_US + DAY_US) // 1000)
         pipe = self._r.pipeline(transaction=False)
         for name, a, b in zip(names.tolist(), starts, ends, strict=True):
-            pipe.set(self._k("card", name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
+            pipe.set(self._k(CARD_KIND, name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
             if len(pipe) >= chunk:
                 pipe.execute()
         hours = hours_of(t_us)

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from app.simulator import simulate
+from features.card_arena import CARD_KIND
 from features.definitions import FEATURE_NAMES, INDEX
 from features.offline import compute_features, events_from_frame, labels_from_frame
 from features.online import (
@@ -139,7 +140,7 @@ def test_corrupt_state_is_treated_as_empty(make_store: StoreFactory, data) -> No
     tx, _ = data
     store = make_store()
     card = tx["customer_id"].iloc[0]
-    store._r.set(store._k("card", card), b"not whole records")
+    store._r.set(store._k(CARD_KIND, card), b"not whole records")
     out = stream(store, tx.iloc[[0]].reset_index(drop=True), None, 1)
     assert out[0, INDEX["card_count_1d"]] == 1.0
 
@@ -200,7 +201,7 @@ def test_parity_holds_when_cards_are_reread_every_batch(make_store: StoreFactory
     assert np.array_equal(online, compute_features(tx, labels).to_numpy())
     card = tx["customer_id"].iloc[-1]
     cached = bytes(store._arena.records_of(card))
-    assert store._r.get(store._k("card", card)) == cached
+    assert store._r.get(store._k(CARD_KIND, card)) == cached
     # 40 days streamed: the oldest days were trimmed away, in Redis too
     first = np.frombuffer(cached, dtype=CARD_RECORD)["t_us"][0]
     assert first > int(events_from_frame(tx).t_us.min())
@@ -296,7 +297,7 @@ def test_every_state_key_expires(make_store: StoreFactory, data) -> None:
         kinds[kind] = kinds.get(kind, 0) + 1
         if kind not in ("lablog", "labseq", "cl", "tl"):
             assert store._r.ttl(key) > 0, key
-    assert {"card", "tb", "lab"} <= set(kinds), kinds
+    assert {CARD_KIND, "tb", "lab"} <= set(kinds), kinds
 
 
 def test_parity_holds_with_a_small_card_cache(make_store: StoreFactory, data) -> None:
@@ -334,7 +335,7 @@ def test_late_events_are_inserted_in_time_order(make_store: StoreFactory, data) 
         cached = [c for c in np.unique(cards[late]) if store._arena.records_of(c) is not None]
         assert cached
         for card in cached:
-            assert store._r.get(store._k("card", card)) == store._arena.records_of(card)
+            assert store._r.get(store._k(CARD_KIND, card)) == store._arena.records_of(card)
     assert np.array_equal(outputs[0], outputs[1])
     # each late event against the offline computation over what had arrived before it
     columns = [INDEX[c] for c in CARD_COLUMNS]
