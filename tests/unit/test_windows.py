@@ -1,12 +1,21 @@
 """The card baseline features: the range maximum behind card_max_ratio_14d (both of its
-methods against a plain loop), and both ratios and their defaults by hand."""
+methods against a plain loop), and both ratios and their defaults by hand; the delayed
+terminal windows against their definition."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from features.definitions import DAY_US, INDEX, N_FEATURES
+from features.definitions import (
+    DAY_US,
+    INDEX,
+    N_FEATURES,
+    TERMINAL_DELAY_HOURS,
+    TERMINAL_WINDOWS_DAYS,
+)
+from features.offline import compute_features
 from features.windows import CardEvents, card_features, slice_max
 
 
@@ -53,3 +62,37 @@ def test_baseline_ratios_by_hand_and_their_defaults() -> None:
     assert (out[4, ratio], out[4, peak]) == (1.0, 0.0)
     assert (out[6, ratio], out[6, peak]) == (1.0, 0.0)  # the largest amount, no baseline
     assert np.isfinite(out).all()
+
+
+def test_terminal_windows_match_a_plain_loop() -> None:
+    """Every delayed terminal window (the handbook's 1/7/30 days and fraudscore's 3/21) by
+    its definition: the terminal's transactions in hours [H - 168 - 24·d, H - 168), and the
+    share of them reported as fraud within 7 days of their time."""
+    rng = np.random.default_rng(5)
+    n = 600
+    hours = np.sort(rng.integers(0, 60 * 24, n))
+    t = pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(
+        hours * 3600 + rng.integers(0, 3600, n), unit="s")
+    terminal = rng.choice(["T1", "T2", "T3"], n)
+    tx = pd.DataFrame({"transaction_id": [f"x{i}" for i in range(n)],
+                       "customer_id": rng.choice(["C1", "C2", "C3", "C4"], n),
+                       "terminal_id": terminal, "timestamp": t,
+                       "amount": np.round(rng.random(n) * 100 + 1, 2),
+                       "device_id": None, "country": "BE"})
+    fraud = rng.random(n) < 0.3
+    delay_h = rng.choice([1, 100, 167, 169, 400], n)  # some frauds are reported too late
+    labels = pd.DataFrame({"transaction_id": tx["transaction_id"],
+                           "customer_id": tx["customer_id"], "terminal_id": terminal,
+                           "timestamp": t, "is_fraud": fraud,
+                           "reported_at": t + pd.to_timedelta(delay_h, unit="h")})
+    out = compute_features(tx, labels)
+    counted_fraud = fraud & (delay_h <= TERMINAL_DELAY_HOURS)
+    for i in range(n):
+        end = hours[i] - TERMINAL_DELAY_HOURS
+        for d in TERMINAL_WINDOWS_DAYS:
+            inside = (terminal == terminal[i]) & (hours >= end - 24 * d) & (hours < end)
+            count = int(inside.sum())
+            risk = counted_fraud[inside].sum() / count if count else 0.0
+            assert out[f"terminal_count_{d}d"].iat[i] == count, (i, d)
+            assert out[f"terminal_risk_{d}d"].iat[i] == pytest.approx(risk, rel=1e-12), (i, d)
+    assert (out["terminal_risk_3d"] > 0).any() and (out["terminal_count_21d"] > 0).any()
