@@ -229,12 +229,16 @@ def test_redis_outage_retries_the_part_and_loses_nothing(
 ) -> None:
     svc = Worker(kafka_bootstrap, redis_url, model, unique, keys_env, tmp_path)
     tx = stream.iloc[:4000]
-    produce(kafka_bootstrap, svc.topics["transactions"], items_of(tx))
+    items = items_of(tx)
+    # the rest only once Redis is frozen: a worker that had drained everything before the
+    # freeze would never meet the outage
+    produce(kafka_bootstrap, svc.topics["transactions"], items[:1000])
     proc = svc.start(FRAUDSCORE_REDIS_URL=redis_proxy.url, FRAUDSCORE_BATCH_SIZE="100")
     try:
         consume_all(kafka_bootstrap, [svc.topics["scores"]],
                     until=lambda s: len(s[svc.topics["scores"]]) >= 300, timeout_s=120)
         redis_proxy.frozen.set()  # requests time out after 5 s: the part fails, is retried
+        produce(kafka_bootstrap, svc.topics["transactions"], items[1000:])
         time.sleep(12)
         redis_proxy.frozen.clear()
         scores = svc.scores_seen(tx["transaction_id"], timeout_s=180)
