@@ -247,6 +247,7 @@ def compile_booster(
         log.warning("compiled model skipped: gcc is not on PATH")
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = out_dir.resolve()  # gcc runs in the build folder: a relative path would miss
     candidates = BACKENDS if backend == "auto" else (backend,)
     for name in candidates:
         try:

@@ -47,6 +47,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="registry or model folder (default: train)")
     parser.add_argument("--rows", type=int, default=65_536)
+    parser.add_argument("--rows-file", type=Path,
+                        help="feature rows (.npy, or .npz holding `x`) instead of synthetic ones; "
+                             "tiled to --rows")
     parser.add_argument("--no-install", action="store_true", help="never pip install")
     parser.add_argument("--install-timeout", type=float, default=180.0)
     parser.add_argument("--target", type=Path, default=DEFAULT_TARGET,
@@ -80,7 +83,7 @@ def main() -> int:
         reason = reason or "onnxruntime has no CUDAExecutionProvider"
 
     tree, neural, lightgbm_predict, width = build_models(args.model)
-    x = synthetic_rows(args.rows, width)
+    x = load_rows(args.rows_file, args.rows) if args.rows_file else synthetic_rows(args.rows, width)
     report: dict[str, Any] = {
         "device": gpu or "cpu-only",
         "providers": ort.get_available_providers(),
@@ -93,6 +96,8 @@ def main() -> int:
     report["tree_gemm"]["parity_vs_lightgbm"] = float(
         np.max(np.abs(cpu_out[0][:CPU_CHUNK] - lightgbm_predict(x[:CPU_CHUNK]))))
     report["neural"], _ = measure(neural, x, use_cuda)
+    if args.model is not None:
+        report["runtime"] = measure_runtime(args.model, x, use_cuda)
     errors = [report[k].get("cuda_error") for k in ("tree_gemm", "neural")]
     if reason is None and any(errors):
         reason = "CUDA session failed: " + "; ".join(e for e in errors if e)
@@ -222,16 +227,73 @@ def synthetic_rows(n: int, width: int) -> np.ndarray:
     return synthetic_data(n, width, seed=11)[0]
 
 
+def load_rows(path: Path, n: int) -> np.ndarray:
+    loaded = np.load(path)
+    x = np.asarray(loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded,
+                   dtype=np.float64)
+    return np.tile(x, (-(-n // len(x)), 1))[:n]
+
+
+def measure_runtime(model_dir: Path, x: np.ndarray, cuda: bool) -> dict[str, Any]:
+    """The worker's own scorer (``ModelRuntime``), CPU against CUDA, per batch size.
+
+    ``device="auto"`` must pick CUDA by itself when the provider is there; the scores of the
+    two devices are compared, with the decisions that differ at the review threshold.
+    """
+    from models.registry import resolve
+    from models.runtime import ModelRuntime
+
+    ref = resolve(model_dir)
+    runtimes = {"cpu": ModelRuntime(ref, device="cpu")}
+    if cuda:
+        try:
+            runtimes["cuda"] = ModelRuntime(ref, device="auto")
+        except Exception as exc:  # report, do not crash: the CPU figures still stand
+            return {"cuda_error": str(exc)[:400]}
+    result: dict[str, Any] = {}
+    scores = {}
+    for name, rt in runtimes.items():
+        per_batch = {}
+        for batch in (1, 64, 512, 4096, 65_536):
+            rows = x[:batch]
+            seconds = timed(lambda rt=rt, rows=rows: rt.score(rows), min_runs=3, min_s=0.5)
+            per_batch[str(batch)] = {"ms_per_call": round(seconds * 1e3, 3),
+                                     "rows_per_s": round(batch / seconds, 1)}
+        scores[name] = rt.score(x)
+        result[name] = {"device": rt.device, "tree_backend": rt.tree_backend,
+                        "batches": per_batch}
+    if "cuda" in scores:
+        import onnxruntime as ort
+
+        from models.registry import GEMM_ONNX
+        from models.runtime import providers
+
+        # what ONNX Runtime really runs on: a CUDA provider that fails to load falls back
+        result["cuda_session_providers"] = ort.InferenceSession(
+            str(ref.path / GEMM_ONNX), providers=providers("auto")).get_providers()
+        cpu, gpu = scores["cpu"], scores["cuda"]
+        threshold = float(ref.manifest["review_threshold"])
+        result["parity_max_abs_diff"] = {
+            k: float(np.max(np.abs(getattr(cpu, k) - getattr(gpu, k))))
+            for k in ("fraud", "anomaly", "tree")}
+        result["review_threshold"] = threshold
+        result["decision_flips"] = int(np.sum((cpu.fraud >= threshold)
+                                              != (gpu.fraud >= threshold)))
+        result["alerts_cpu"] = int(np.sum(cpu.fraud >= threshold))
+    return result
+
+
 def session(model: bytes, cuda: bool, strict: bool = True) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     providers = ["CPUExecutionProvider"]
-    if cuda:
+    if cuda and strict:  # CUDA alone: fail rather than quietly run part of the graph on CPU
+        providers = ["CUDAExecutionProvider"]
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    elif cuda:
         providers.insert(0, "CUDAExecutionProvider")
-        if strict:  # fail rather than quietly run part of the graph on the CPU
-            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 

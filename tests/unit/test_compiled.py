@@ -162,6 +162,16 @@ def test_load_scorer_prefers_compiled_and_falls_back_on_corruption(
     assert isinstance(load_scorer(out, entry, N_FEATURES, onnx_bytes), OnnxTreeModel)
 
 
+def test_relative_output_folder(booster: lgb.Booster, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fraudscore train --registry registry` passes a relative folder; gcc runs elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    entry = compile_booster(booster.model_to_string(), Path("registry/v1/compiled"),
+                            timeout_s=120)
+    assert entry is not None
+    assert (tmp_path / "registry/v1/compiled" / entry["library"]).is_file()
+
+
 def test_unusable_inputs_to_compile(tmp_path: Path) -> None:
     assert compile_booster("not a model", tmp_path) is None
     with pytest.raises(ValueError, match="backend"):
