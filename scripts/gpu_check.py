@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,9 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 BUDGET_S = 280.0
 CPU_CHUNK = 8192  # the CPU scores in chunks: the GEMM graph's intermediates grow with rows
-CUDA_LIBS = ("libcudnn.so.9", "libcublasLt.so.12", "libcudart.so.12")
-NVIDIA_WHEELS = ("nvidia-cuda-runtime-cu12", "nvidia-cublas-cu12", "nvidia-cudnn-cu12",
-                 "nvidia-cufft-cu12", "nvidia-curand-cu12", "nvidia-cuda-nvrtc-cu12")
 DEFAULT_TARGET = Path.home() / ".cache" / "fraudscore" / "onnxruntime-gpu"
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -121,40 +119,83 @@ def gpu_name() -> str | None:
 
 
 def install_onnxruntime_gpu(target: Path, version: str, timeout_s: float) -> str | None:
-    """pip install into ``target``; None when done, else why not."""
+    """pip install into ``target``; None when done, else why not.
+
+    onnxruntime-gpu is built for one CUDA major version (12 up to 1.2x, 13 since): the
+    NVIDIA wheels it needs are read from its own metadata (its `cuda` and `cudnn` extras)
+    and installed only when the system lacks those libraries.
+    """
     if timeout_s < 10:
         return "no time left"
-    packages = [f"onnxruntime-gpu=={version}"]
-    if not system_has_cuda_libs():
-        packages += NVIDIA_WHEELS
     end = time.monotonic() + timeout_s
-    for attempt in (packages, ["onnxruntime-gpu", *packages[1:]]):  # pinned, then latest
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-deps", "--upgrade", "--target", str(target), *attempt]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=max(1.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return f"pip did not finish within {timeout_s:.0f} s"
-        if done.returncode == 0:
-            return None
-        error = done.stderr.strip()[-400:]
-    return error
+    error = "not tried"
+    for spec in (f"onnxruntime-gpu=={version}", "onnxruntime-gpu"):  # pinned, then latest
+        error = _pip_target(target, [spec], end)
+        if error is None:
+            break
+    if error is not None:
+        return error
+    wheels = cuda_wheels(target)
+    if wheels and not system_has_cuda_libs(cuda_major(wheels)):
+        return _pip_target(target, wheels, end)
+    return None
 
 
-def system_has_cuda_libs() -> bool:
+def _pip_target(target: Path, packages: list[str], end: float) -> str | None:
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+           "--no-deps", "--upgrade", "--target", str(target), *packages]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True,
+                              timeout=max(1.0, end - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return "pip did not finish in time"
+    return None if done.returncode == 0 else done.stderr.strip()[-400:]
+
+
+def cuda_wheels(target: Path) -> list[str]:
+    """The NVIDIA wheels that the installed onnxruntime-gpu names for CUDA and cuDNN."""
+    found = sorted(target.glob("onnxruntime_gpu-*.dist-info/METADATA"))
+    if not found:
+        return []
+    wheels = []
+    for line in found[-1].read_text(encoding="utf-8", errors="replace").splitlines():
+        name, _, marker = line.removeprefix("Requires-Dist:").partition(";")
+        if line.startswith("Requires-Dist:") and re.search(r"extra == .(cuda|cudnn).", marker):
+            wheels.append(name.strip().replace(" ", ""))
+    major = cuda_major(wheels)
+    if major and not any(w.startswith("nvidia-cublas") for w in wheels):
+        # the extras leave cuBLAS out; the CUDA provider links it
+        wheels.append(f"nvidia-cublas-cu{major}" if major < 13 else f"nvidia-cublas~={major}.0")
+    return wheels
+
+
+def cuda_major(wheels: list[str]) -> int | None:
+    """12 from `nvidia-cuda-runtime-cu12`, 13 from `nvidia-cuda-runtime~=13.0`."""
+    for wheel in wheels:
+        match = re.match(r"nvidia-cuda-runtime(?:-cu(\d+))?(?:~=|==|>=)?(\d+)?", wheel)
+        if match and (match.group(1) or match.group(2)):
+            return int(match.group(1) or match.group(2))
+    return None
+
+
+def system_has_cuda_libs(major: int | None) -> bool:
+    if major is None:
+        return False
     try:
         cache = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True,
                                timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return all(lib in cache for lib in CUDA_LIBS)
+    return all(lib in cache for lib in (f"libcudart.so.{major}", f"libcublasLt.so.{major}",
+                                        "libcudnn.so.9"))
 
 
 def rerun_with(target: Path, deadline: float) -> int:
     """Run this script again with the installed onnxruntime-gpu first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), env.get("PYTHONPATH")]))
+    libs = sorted({str(p.parent) for p in target.glob("nvidia/**/lib*.so*")})
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libs, env.get("LD_LIBRARY_PATH")]))
     try:
         done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--no-install"],
                               env=env, timeout=max(10.0, deadline - time.monotonic()))
