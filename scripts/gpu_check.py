@@ -80,7 +80,7 @@ def main() -> int:
     elif not cuda:
         reason = reason or "onnxruntime has no CUDAExecutionProvider"
 
-    tree, neural, lightgbm_predict, width = build_models(args.model)
+    tree, neural, lightgbm_predict, width, forest = build_models(args.model)
     x = load_rows(args.rows_file, args.rows) if args.rows_file else synthetic_rows(args.rows, width)
     report: dict[str, Any] = {
         "device": gpu or "cpu-only",
@@ -93,6 +93,8 @@ def main() -> int:
     report["tree_gemm"], cpu_out = measure(tree, x, use_cuda)
     report["tree_gemm"]["parity_vs_lightgbm"] = float(
         np.max(np.abs(cpu_out[0][:CPU_CHUNK] - lightgbm_predict(x[:CPU_CHUNK]))))
+    report["tree_gemm"]["probe_parity_vs_lightgbm"] = probe_parity(tree, forest,
+                                                                   lightgbm_predict, use_cuda)
     report["neural"], _ = measure(neural, x, use_cuda)
     if args.model is not None:
         report["runtime"] = measure_runtime(args.model, x, use_cuda)
@@ -208,11 +210,12 @@ def rerun_with(target: Path, deadline: float) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def build_models(model_dir: Path | None) -> tuple[bytes, bytes, Predict, int]:
+def build_models(model_dir: Path | None) -> tuple[bytes, bytes, Predict, int, Any]:
     """(tree GEMM graph, neural graph, LightGBM predict, width): from a registry or trained."""
     import lightgbm as lgb
 
     from features.definitions import N_FEATURES
+    from models.forest import read_forest
     from models.tensorized import booster_to_gemm_onnx
 
     neural_bytes: bytes | None = None
@@ -235,7 +238,7 @@ def build_models(model_dir: Path | None) -> tuple[bytes, bytes, Predict, int]:
     def lightgbm_predict(x: np.ndarray) -> np.ndarray:
         return booster.predict(x, num_threads=os.cpu_count() or 1)
 
-    return tree, neural_bytes, lightgbm_predict, width
+    return tree, neural_bytes, lightgbm_predict, width, read_forest(booster)
 
 
 def train_neural(width: int) -> bytes:
@@ -266,6 +269,22 @@ def synthetic_rows(n: int, width: int) -> np.ndarray:
     from models.bench import synthetic_data
 
     return synthetic_data(n, width, seed=11)[0]
+
+
+def probe_parity(tree: bytes, forest: Any, lightgbm_predict: Predict, cuda: bool
+                 ) -> dict[str, Any]:
+    """The GEMM graph against LightGBM on rows built to sit on, one float32 step below and
+    one above every split threshold, with NaN, ±inf and ±0 sprinkled in: where a float32
+    comparison or the missing-value rule could send a row down another branch."""
+    from models.forest import probe_rows
+
+    rows = probe_rows(forest, 8192, seed=5)
+    expected = lightgbm_predict(rows)
+    result: dict[str, Any] = {"rows": len(rows)}
+    for device in ("cpu", "cuda") if cuda else ("cpu",):
+        got = run_all(session(tree, cuda=device == "cuda", strict=False), rows, len(rows))[0]
+        result[device] = float(np.max(np.abs(got.reshape(-1).astype(np.float64) - expected)))
+    return result
 
 
 def load_rows(path: Path, n: int) -> np.ndarray:
@@ -312,6 +331,17 @@ def measure_runtime(model_dir: Path, x: np.ndarray, cuda: bool) -> dict[str, Any
         # what ONNX Runtime really runs on: a CUDA provider that fails to load falls back
         result["cuda_session_providers"] = ort.InferenceSession(
             str(ref.path / GEMM_ONNX), providers=providers("auto")).get_providers()
+        # missing and infinite features: the same defined behaviour on both devices
+        bad = x[:4096].copy()
+        draw = np.random.default_rng(3).random(bad.shape)
+        bad[draw < 0.05] = np.nan
+        bad[(draw >= 0.05) & (draw < 0.06)] = np.inf
+        bad[(draw >= 0.06) & (draw < 0.07)] = -np.inf
+        cpu_bad, gpu_bad = runtimes["cpu"].score(bad), runtimes["cuda"].score(bad)
+        result["non_finite_rows"] = {"rows": len(bad), "cpu": runtimes["cpu"].non_finite_rows,
+                                     "cuda": runtimes["cuda"].non_finite_rows,
+                                     "fraud_max_abs_diff": float(np.max(np.abs(
+                                         cpu_bad.fraud - gpu_bad.fraud)))}
         cpu, gpu = scores["cpu"], scores["cuda"]
         threshold = float(ref.manifest["review_threshold"])
         result["parity_max_abs_diff"] = {
