@@ -4,8 +4,11 @@
 
 Scores one batch of ``--rows`` rows with each model through ONNX Runtime's CUDA execution
 provider and its CPU provider, checks that the two agree (and the tree graph against
-LightGBM), and prints one JSON object with both throughputs. Without ``--model`` it trains
-a 100-tree, 31-leaf LightGBM model and the project's neural model on synthetic rows.
+LightGBM, also on rows that probe every split threshold, NaN and ±inf), and prints one JSON
+object with both throughputs. Without ``--model`` it trains a 100-tree, 31-leaf LightGBM
+model and the project's neural model on synthetic rows; with it, it also times the worker's
+own ``ModelRuntime`` with ``device=auto`` against ``cpu`` per batch size and counts the
+decisions that differ. ``--rows-file`` scores real feature rows instead of synthetic ones.
 
 When the GPU is there but the installed onnxruntime has no CUDA provider, it installs
 onnxruntime-gpu (and NVIDIA's CUDA/cuDNN wheels when the system has no cuDNN 9) into a
