@@ -15,7 +15,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import time
 import uuid
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -175,6 +178,70 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
         "bytes_per_terminal_hour_bucket": memory_bucket,
         "redis_url": url.split("@")[-1],
     }
+
+
+def _owned_stream(url: str, namespace: str, events: EventBatch, warm: int, batch_size: int,
+                  start: Any, out: Any) -> None:
+    """One worker process: the events of the cards it owns, in time order. It warms its
+    caches on the first streamed day, waits for the others, then times the second."""
+    store = RedisFeatureStore(redis.Redis.from_url(url), namespace=namespace)
+    for a in range(0, warm, batch_size):
+        store.update_many(_slice(events, a, min(warm, a + batch_size)))
+    start.wait()
+    began = time.monotonic()
+    for a in range(warm, len(events), batch_size):
+        store.update_many(_slice(events, a, min(len(events), a + batch_size)))
+    out.put((len(events) - warm, began, time.monotonic()))
+
+
+def scale(url: str, cfg: BenchConfig, processes: Sequence[int] = (1, 2)
+          ) -> dict[str, Any]:
+    """The store with N worker processes, each owning a share of the cards (as consumer-group
+    members own partitions), on one Redis: aggregate events/s over the second streamed day,
+    from the first process's start to the last one's end. Each N gets a fresh namespace
+    with the same history loaded, and all run in one call, side by side."""
+    tx, labels = simulate(cfg.customers, cfg.terminals, cfg.days, cfg.seed)
+    split = tx["timestamp"].min().normalize() + pd.Timedelta(days=cfg.days - cfg.stream_days)
+    hist = (tx["timestamp"] < split).to_numpy()
+    until = int(micros(pd.Series([split]))[0])
+    streamed = tx[~hist]
+    events = events_from_frame(streamed)
+    warm_until = split + pd.Timedelta(days=max(cfg.stream_days - 1, 0))
+    warm_mask = (streamed["timestamp"] < warm_until).to_numpy()
+    owner_hash = np.fromiter((zlib.crc32(c.encode()) for c in events.cards), dtype=np.int64,
+                             count=len(events))
+    client = redis.Redis.from_url(url)
+    ctx = mp.get_context("spawn")
+    result: dict[str, Any] = {"batch_size": cfg.batch_size, "cards": cfg.customers,
+                              "processes": {}}
+    for n in processes:
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        RedisFeatureStore(client, namespace=ns).load_history(
+            events_from_frame(tx[hist]), labels_from_frame(labels), until)
+        start, out = ctx.Barrier(n), ctx.Queue()
+        procs = []
+        for part in range(n):
+            idx = np.flatnonzero(owner_hash % n == part)
+            procs.append(ctx.Process(target=_owned_stream, args=(
+                url, ns, take_events(events, idx), int(warm_mask[idx].sum()), cfg.batch_size,
+                start, out)))
+        for proc in procs:
+            proc.start()
+        done = [out.get(timeout=1800) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        _drop(client, f"{ns}*")
+        measured = sum(d[0] for d in done)
+        wall = max(d[2] for d in done) - min(d[1] for d in done)
+        result["processes"][str(n)] = {
+            "events_per_s": round(measured / wall),
+            "per_process_events_per_s": [round(d[0] / (d[2] - d[1])) for d in done],
+            "events_measured": measured,
+        }
+    first = result["processes"][str(processes[0])]["events_per_s"]
+    result["scaling"] = {k: round(v["events_per_s"] / first, 2)
+                         for k, v in result["processes"].items()}
+    return result
 
 
 def _memory(client: redis.Redis, pattern: str, sample: int = 200) -> int:

@@ -341,17 +341,23 @@ app.add_typer(bench, name="bench")
 @bench.command("features")
 def bench_features(
     customers: int = 20_000, days: int = 35, batch_size: int = 500,
+    processes: Annotated[int, typer.Option(
+        help="instead: the store with 1 and with N worker processes, each owning a share "
+             "of the cards, side by side")] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Feature store vs naive pipelined HGETALL, side by side on the real Redis."""
     import json
 
-    from app.bench import BenchConfig, run
+    from app.bench import BenchConfig, run, scale
 
     settings = _settings()
-    result = run(settings.redis_url,
-                 BenchConfig(customers=customers, terminals=2 * customers, days=days,
-                             batch_size=batch_size))
+    cfg = BenchConfig(customers=customers, terminals=2 * customers, days=days,
+                      batch_size=batch_size)
+    if processes < 0 or processes == 1:
+        raise _fail("--processes must be 2 or more (0: the usual comparison)", 2)
+    result = (scale(settings.redis_url, cfg, (1, processes)) if processes
+              else run(settings.redis_url, cfg))
     if json_output:
         print(json.dumps(result))
     else:
