@@ -113,24 +113,49 @@ def _drop(client: redis.Redis, pattern: str) -> None:
         client.delete(*keys[i:i + 5000])
 
 
+BARRIER_TIMEOUT_S = 600.0  # warming one process's caches takes seconds, not minutes
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """A simulated history (loaded into the store first) and the days streamed after it;
+    ``warm`` marks the first streamed day, when a worker's caches fill: a worker runs for
+    days, so the bench measures after it."""
+
+    history: EventBatch
+    labels: Any  # LabelBatch
+    until_us: int
+    events: EventBatch
+    warm: np.ndarray  # bool per streamed event
+
+    @classmethod
+    def simulated(cls, cfg: BenchConfig) -> _Stream:
+        tx, labels = simulate(cfg.customers, cfg.terminals, cfg.days, cfg.seed)
+        split = (tx["timestamp"].min().normalize()
+                 + pd.Timedelta(days=cfg.days - cfg.stream_days))
+        hist = (tx["timestamp"] < split).to_numpy()
+        warm_until = split + pd.Timedelta(days=max(cfg.stream_days - 1, 0))
+        return cls(events_from_frame(tx[hist]), labels_from_frame(labels),
+                   int(micros(pd.Series([split]))[0]), events_from_frame(tx[~hist]),
+                   (tx["timestamp"][~hist] < warm_until).to_numpy())
+
+    def load(self, store: RedisFeatureStore) -> None:
+        store.load_history(self.history, self.labels, self.until_us)
+
+
 def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
     """Measure both designs on `url`; returns the JSON object the CLI prints."""
-    tx, labels = simulate(cfg.customers, cfg.terminals, cfg.days, cfg.seed)
-    split = tx["timestamp"].min().normalize() + pd.Timedelta(days=cfg.days - cfg.stream_days)
-    hist = (tx["timestamp"] < split).to_numpy()
-    until = int(micros(pd.Series([split]))[0])
-    events = events_from_frame(tx[~hist])
+    stream = _Stream.simulated(cfg)
+    events = stream.events
     client = redis.Redis.from_url(url)
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     store = RedisFeatureStore(client, namespace=ns)
     naive = NaiveStore(client, f"{ns}-naive")
-    store.load_history(events_from_frame(tx[hist]), labels_from_frame(labels), until)
-    naive.load(events_from_frame(tx[hist]), until)
+    stream.load(store)
+    naive.load(stream.history, stream.until_us)
 
     n = len(events)
-    # A worker runs for days: measure after one streamed day, when owned cards are cached.
-    warm_until = split + pd.Timedelta(days=max(cfg.stream_days - 1, 0))
-    warm = int((tx["timestamp"][~hist] < warm_until).sum()) // cfg.batch_size * cfg.batch_size
+    warm = int(stream.warm.sum()) // cfg.batch_size * cfg.batch_size
     if cfg.stream_days == 1:
         warm = n // 5 // cfg.batch_size * cfg.batch_size
     if n - warm < cfg.batch_size:
@@ -194,20 +219,31 @@ def _owned_stream(url: str, namespace: str, events: EventBatch, warm: int, batch
     out.put((len(events) - warm, began, time.monotonic()))
 
 
+def _results(procs: list[Any], out: Any) -> list[tuple[int, float, float]]:
+    """One result per process; a process that dies (Redis gone, say) stops the run with an
+    error naming it, instead of leaving the others waiting."""
+    import queue
+
+    done: list[tuple[int, float, float]] = []
+    while len(done) < len(procs):
+        try:
+            done.append(out.get(timeout=1.0))
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"bench process {dead[0].name} exited with code "
+                                   f"{dead[0].exitcode}; see its traceback above") from None
+    return done
+
+
 def scale(url: str, cfg: BenchConfig, processes: Sequence[int] = (1, 2)
           ) -> dict[str, Any]:
     """The store with N worker processes, each owning a share of the cards (as consumer-group
     members own partitions), on one Redis: aggregate events/s over the second streamed day,
     from the first process's start to the last one's end. Each N gets a fresh namespace
     with the same history loaded, and all run in one call, side by side."""
-    tx, labels = simulate(cfg.customers, cfg.terminals, cfg.days, cfg.seed)
-    split = tx["timestamp"].min().normalize() + pd.Timedelta(days=cfg.days - cfg.stream_days)
-    hist = (tx["timestamp"] < split).to_numpy()
-    until = int(micros(pd.Series([split]))[0])
-    streamed = tx[~hist]
-    events = events_from_frame(streamed)
-    warm_until = split + pd.Timedelta(days=max(cfg.stream_days - 1, 0))
-    warm_mask = (streamed["timestamp"] < warm_until).to_numpy()
+    stream = _Stream.simulated(cfg)
+    events, warm_mask = stream.events, stream.warm
     owner_hash = np.fromiter((zlib.crc32(c.encode()) for c in events.cards), dtype=np.int64,
                              count=len(events))
     client = redis.Redis.from_url(url)
@@ -216,21 +252,24 @@ def scale(url: str, cfg: BenchConfig, processes: Sequence[int] = (1, 2)
                               "processes": {}}
     for n in processes:
         ns = f"bench-{uuid.uuid4().hex[:8]}"
-        RedisFeatureStore(client, namespace=ns).load_history(
-            events_from_frame(tx[hist]), labels_from_frame(labels), until)
-        start, out = ctx.Barrier(n), ctx.Queue()
+        stream.load(RedisFeatureStore(client, namespace=ns))
+        start, out = ctx.Barrier(n, timeout=BARRIER_TIMEOUT_S), ctx.Queue()
         procs = []
         for part in range(n):
             idx = np.flatnonzero(owner_hash % n == part)
             procs.append(ctx.Process(target=_owned_stream, args=(
                 url, ns, take_events(events, idx), int(warm_mask[idx].sum()), cfg.batch_size,
                 start, out)))
-        for proc in procs:
-            proc.start()
-        done = [out.get(timeout=1800) for _ in procs]
-        for proc in procs:
-            proc.join(timeout=60)
-        _drop(client, f"{ns}*")
+        try:
+            for proc in procs:
+                proc.start()
+            done = _results(procs, out)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.terminate()
+                proc.join(timeout=10)
+            _drop(client, f"{ns}*")
         measured = sum(d[0] for d in done)
         wall = max(d[2] for d in done) - min(d[1] for d in done)
         result["processes"][str(n)] = {

@@ -84,7 +84,8 @@ def main() -> int:
         reason = reason or "onnxruntime has no CUDAExecutionProvider"
 
     tree, neural, lightgbm_predict, width, forest = build_models(args.model)
-    x = load_rows(args.rows_file, args.rows) if args.rows_file else synthetic_rows(args.rows, width)
+    x = (load_rows(args.rows_file, args.rows, width) if args.rows_file
+         else synthetic_rows(args.rows, width))
     report: dict[str, Any] = {
         "device": gpu or "cpu-only",
         "providers": ort.get_available_providers(),
@@ -290,10 +291,18 @@ def probe_parity(tree: bytes, forest: Any, lightgbm_predict: Predict, cuda: bool
     return result
 
 
-def load_rows(path: Path, n: int) -> np.ndarray:
-    loaded = np.load(path)
-    x = np.asarray(loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded,
-                   dtype=np.float64)
+def load_rows(path: Path, n: int, width: int) -> np.ndarray:
+    """`n` rows of `width` features from a .npy, or an .npz holding `x`, tiled as needed."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        x = np.asarray(loaded["x"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded,
+                       dtype=np.float64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"--rows-file {path}: not a numeric .npy or an .npz with `x` "
+                         f"({exc})") from None
+    if x.ndim != 2 or x.shape[1] != width or len(x) == 0:
+        raise SystemExit(f"--rows-file {path}: expected rows of {width} features, "
+                         f"got shape {x.shape}")
     return np.tile(x, (-(-n // len(x)), 1))[:n]
 
 

@@ -118,3 +118,10 @@ def test_docker_compose_file_is_valid() -> None:
     result = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("processes", ["1", "-2"])
+def test_bench_features_refuses_fewer_than_two_processes(processes: str) -> None:
+    result = runner.invoke(app, ["bench", "features", "--processes", processes])
+    assert result.exit_code == 2
+    assert "--processes must be 2 or more" in result.output

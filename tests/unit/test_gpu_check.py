@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
@@ -49,3 +50,18 @@ def test_cuda12_names_and_no_metadata(gpu_check: ModuleType, tmp_path: Path) -> 
     assert gpu_check.cuda_major(["nvidia-cudnn-cu12"]) is None
     assert gpu_check.cuda_wheels(tmp_path) == []  # nothing installed: nothing to add
     assert gpu_check.system_has_cuda_libs(None) is False
+
+
+def test_rows_file_is_checked_and_tiled(gpu_check: ModuleType, tmp_path: Path) -> None:
+    good = tmp_path / "rows.npz"
+    np.savez_compressed(good, x=np.arange(12.0).reshape(4, 3))
+    x = gpu_check.load_rows(good, 10, 3)
+    assert x.shape == (10, 3) and np.array_equal(x[4:8], x[:4])
+    with pytest.raises(SystemExit, match="expected rows of 5 features"):
+        gpu_check.load_rows(good, 10, 5)
+    garbage = tmp_path / "rows.npy"
+    garbage.write_bytes(b"not numpy at all")
+    with pytest.raises(SystemExit, match=r"not a numeric \.npy"):
+        gpu_check.load_rows(garbage, 10, 3)
+    with pytest.raises(SystemExit, match=r"not a numeric \.npy"):
+        gpu_check.load_rows(tmp_path / "missing.npz", 10, 3)
