@@ -112,13 +112,13 @@ def build_scorer(
 ) -> Scorer:
     """`follow`: the registry folder the model came from; its LATEST is then watched.
     `worker_id`: the Kafka worker's index (its audit chain is then its transactional id)."""
-    runtime = runtime_for(settings, ref)
+    runtime = _explaining(runtime_for(settings, ref))
     registry = follow
     watcher = None
     if registry is not None and settings.model_reload_s > 0 and settings.model_version is None \
             and (registry / "LATEST").exists():
         watcher = ModelWatcher(registry, runtime, settings.model_reload_s,
-                               lambda r: runtime_for(settings, r))
+                               lambda r: _explaining(runtime_for(settings, r)))
     shadow = runtime_for(settings, resolve(settings.shadow_model_dir)) \
         if settings.shadow_model_dir else None
     cipher, key_watcher = pii_cipher(settings, pii_key)
@@ -144,6 +144,13 @@ def build_scorer(
     if key_watcher is not None:
         key_watcher.on_reload = lambda ring: _rotated(scorer, ring)
     return scorer
+
+
+def _explaining(runtime: ModelRuntime) -> ModelRuntime:
+    """The runtime with its explainer loaded before any batch: the first alert of a worker
+    (or of a newly loaded version) would otherwise wait seconds for lightgbm's import."""
+    runtime.load_explainer()
+    return runtime
 
 
 def _rotated(scorer: Scorer, ring: Keyring) -> None:

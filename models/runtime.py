@@ -104,7 +104,7 @@ class ModelRuntime:
         self._neural = NeuralSession(neural_path.read_bytes(),
                                      np.asarray(ref.manifest["anomaly_calibration"]),
                                      provider_list) if neural_path.exists() else None
-        self._booster: Any = None  # lightgbm.Booster, loaded on the first alert
+        self._booster: Any = None  # lightgbm.Booster: see load_explainer
         self._booster_lock = threading.Lock()
 
     @staticmethod
@@ -159,13 +159,19 @@ class ModelRuntime:
         """Fraud probability per row."""
         return self.score(x).fraud
 
-    def contributions_many(self, x: np.ndarray) -> np.ndarray:
-        """Per-feature log-odds contributions (TreeSHAP); only called for alerted rows."""
+    def load_explainer(self) -> None:
+        """Load the native LightGBM model that reason codes need. Importing lightgbm takes
+        seconds, so a streaming worker calls this before it consumes (and a reloaded
+        version before it is swapped in): otherwise the first alert stalls its batch."""
         with self._booster_lock:
             if self._booster is None:
                 import lightgbm as lgb  # slow to import; only alerts need it
 
                 self._booster = lgb.Booster(model_file=str(self.ref.path / BOOSTER))
+
+    def contributions_many(self, x: np.ndarray) -> np.ndarray:
+        """Per-feature log-odds contributions (TreeSHAP); only called for alerted rows."""
+        self.load_explainer()
         # one thread, as everywhere in a streaming worker: OpenMP's second thread waits on
         # a busy core for milliseconds per call on a shared machine
         contrib = self._booster.predict(self._clean(x), pred_contrib=True, num_threads=1)

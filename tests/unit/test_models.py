@@ -154,6 +154,29 @@ def test_watcher_switches_to_a_new_version_and_skips_a_broken_one(
     assert watcher.poll() is None and watcher.current.version == new_ref.version
 
 
+def test_service_scorer_loads_the_explainer_before_any_batch(
+        ref: ModelRef, ensemble: Ensemble, data: tuple, tmp_path: Path) -> None:
+    """The first alert must not wait seconds for lightgbm's import, nor the first alert of
+    a version loaded while running."""
+    from app import factory
+    from app.config import load_settings
+
+    registry = tmp_path / "registry"
+    shutil.copytree(ref.path.parent, registry)
+    settings = load_settings(model_reload_s=0.001, model_device="cpu",
+                             redis_namespace="explainer-test", audit_scope="off")
+    scorer = factory.build_scorer(settings, fakeredis.FakeRedis(), resolve(registry),
+                                  random_key(), random_key(), follow=registry)
+    assert scorer.model._booster is not None
+    other = Ensemble(ensemble.tree, ensemble.neural, ensemble.blend_weight,
+                     {**ensemble.thresholds, "review": 0.4}, ensemble.metrics,
+                     ensemble.valid_scores)
+    new_ref = save(other, registry, {"test": 3}, data[1].to_numpy()[:200], compile_timeout_s=0)
+    time.sleep(0.01)
+    assert scorer.maybe_reload() and scorer.model.version == new_ref.version
+    assert scorer.model._booster is not None
+
+
 def test_scorer_records_shadow_scores_and_reloads(ref: ModelRef, data: tuple) -> None:
     tx = data[0].iloc[:300]
     values = transactions_to_json(tx)
