@@ -9,19 +9,26 @@ run, one variant after the other:
   HGETALL the card and terminal hashes, compute the windows in Python, HSET the event,
   score one row, produce, commit synchronously.
 
-Each variant is measured twice, on fresh topics each time:
+Each variant is measured three times:
 
 1. throughput: N events are produced first, then the workers start (subprocesses) and a
    ``read_committed`` reader counts the scores topic; events/s runs from the first output
    committed (once the group is stable) to the last, so start-up is excluded. A variant
    too slow to drain N in `max_seconds` is measured over that long and says so;
-2. latency: once a probe's score comes back, events are offered at a fixed rate; each
-   event's latency runs from its produce call to its score being visible to a
-   ``read_committed`` reader; p50/p99 over the events sent after the warm-up.
+2. latency (``latency_*``, ``latency_workers: "warm"``): the same workers, once they have
+   drained the N events, are offered new events at a fixed rate: a service in its steady
+   state, caches warm and group settled. Each event's latency runs from its produce call
+   to its score being visible to a ``read_committed`` reader; p50/p99 over the events sent
+   after the warm-up;
+3. ``fresh_workers``: the same at the same rate, on fresh topics, to workers started just
+   before (first probe's score back, then a burst): what a restart costs, every card read
+   from Redis on first sight. A variant that did not drain N has no steady state; its
+   ``latency_*`` are then this run's (``latency_workers: "fresh"``).
 
 While ``confluent_1w`` drains its N events, its /metrics stage histograms give the
-``profile``: where a batch's time goes; ``profile.latency_phase`` is the same over the
-latency run's measured window (batch sizes there show how close to saturation it ran).
+``profile``: where a batch's time goes; ``profile.latency_phase`` and
+``profile.fresh_workers_latency_phase`` are the same over the two latency windows (batch
+sizes there show how close to saturation each ran).
 """
 
 from __future__ import annotations
@@ -300,10 +307,12 @@ def _check_alive(proc: subprocess.Popen[bytes], log_path: Path) -> None:
 # ---- throughput --------------------------------------------------------------------------
 
 
-def _throughput(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
+def _throughput(phase: Phase, stream: Stream, live: Stream, cfg: E2EConfig, bootstrap: str,
                 admin: AdminClient, log_path: Path, metrics_port: int
                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Drain `stream` (produced beforehand) through the variant's workers."""
+    """Drain `stream` (produced beforehand) through the variant's workers; then, when they
+    drained it, offer `live` at the fixed rate to the same workers (steady state: caches
+    warm, group settled) and measure its latency."""
     topics = list(phase.topics.values())
     _create_topics(admin, topics, cfg.partitions)
     try:
@@ -311,12 +320,44 @@ def _throughput(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
         reader = _reader(bootstrap, phase.topics["scores"], cfg.partitions)
         try:
             with _workers(phase, log_path) as proc:
-                return _count(proc, reader, phase, len(stream), cfg, admin, log_path,
-                              metrics_port)
+                result, profile = _count(proc, reader, phase, len(stream), cfg, admin,
+                                         log_path, metrics_port)
+                if result["drained"]:
+                    steady, steady_profile = _steady(proc, reader, phase, live, cfg, bootstrap,
+                                                     log_path, metrics_port)
+                    result.update(steady)
+                    if profile is not None and steady_profile is not None:
+                        profile["latency_phase"] = steady_profile
+                return result, profile
         finally:
             reader.close()
     finally:
         _delete_topics(admin, topics)
+
+
+def _steady(proc: subprocess.Popen[bytes], reader: Consumer, phase: Phase, live: Stream,
+            cfg: E2EConfig, bootstrap: str, log_path: Path, metrics_port: int
+            ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Latency of workers that have just drained the throughput backlog: what a service
+    that has been running for a while gives (`reader` has read every output so far)."""
+    watcher = _Visibility(reader)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+    scraped: list[dict[str, float]] = []
+
+    def scrape() -> None:
+        if metrics_port:
+            scraped.append(_scrape(metrics_port))
+
+    watcher.start()
+    try:
+        stats = _offered(proc, producer, phase.topics["transactions"], live, 0, watcher, cfg,
+                         log_path, scrape)
+    finally:
+        watcher.stop.set()
+        watcher.join(timeout=5)
+    window_s = stats.pop("window_s")
+    profile = _profile(scraped[0], scraped[1], window_s) if len(scraped) == 2 else None
+    return {**stats, "latency_workers": "warm"}, profile
 
 
 def _count(proc: subprocess.Popen[bytes], reader: Consumer, phase: Phase, target: int,
@@ -447,28 +488,38 @@ def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
         with _workers(phase, log_path) as proc:
             start = _wait_ready(proc, producer, phase, stream, sent, watcher, cfg, admin,
                                 log_path)
-            window = _offer(producer, phase.topics["transactions"], stream, start, sent, cfg,
-                            scrape)
-            scrape()
-            measured = [k for k, t in sent.items() if t >= window[0]]
-            deadline = time.perf_counter() + cfg.drain_s
-            while time.perf_counter() < deadline and any(k not in watcher.seen
-                                                         for k in measured):
-                _check_alive(proc, log_path)
-                time.sleep(0.1)
-            gave_up = time.perf_counter()
+            stats = _offered(proc, producer, phase.topics["transactions"], stream, start,
+                             watcher, cfg, log_path, scrape, sent)
     finally:
         watcher.stop.set()
         watcher.join(timeout=5)
         reader.close()
         _delete_topics(admin, topics)
+    window_s = stats.pop("window_s")
+    profile = _profile(scraped[0], scraped[1], window_s) if len(scraped) == 2 else None
+    return {**stats, "latency_workers": "fresh"}, profile
+
+
+def _offered(proc: subprocess.Popen[bytes], producer: Producer, topic: str, stream: Stream,
+             start: int, watcher: _Visibility, cfg: E2EConfig, log_path: Path,
+             scrape: Callable[[], None], sent: dict[str, float] | None = None
+             ) -> dict[str, Any]:
+    """Offer `stream[start:]` at `cfg.rate` (scraping the profile at the window's start and
+    end) and wait up to `cfg.drain_s` for the measured events' outputs; their latencies."""
+    sent = {} if sent is None else sent
+    window = _offer(producer, topic, stream, start, sent, cfg, scrape)
+    scrape()
+    measured = [k for k, t in sent.items() if t >= window[0]]
+    deadline = time.perf_counter() + cfg.drain_s
+    while time.perf_counter() < deadline and any(k not in watcher.seen for k in measured):
+        _check_alive(proc, log_path)
+        time.sleep(0.1)
+    gave_up = time.perf_counter()
     seen = dict(watcher.seen)
     lat = np.array([seen.get(k, gave_up) - sent[k] for k in measured]) * 1000
     missing = sum(1 for k in measured if k not in seen)
     in_window = sum(1 for t in seen.values() if window[0] <= t <= window[1])
     output_rate = in_window / (window[1] - window[0])
-    profile = (_profile(scraped[0], scraped[1], window[1] - window[0])
-               if len(scraped) == 2 else None)
     return {
         "latency_p50_ms": round(float(np.median(lat)), 1),
         "latency_p99_ms": round(float(np.quantile(lat, 0.99)), 1),
@@ -480,7 +531,8 @@ def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
         "output_rate_in_window": round(output_rate),
         # falling behind the offered rate: the latencies then grow with the window
         "saturated": missing > 0 or output_rate < 0.95 * cfg.rate,
-    }, profile
+        "window_s": window[1] - window[0],
+    }
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], producer: Producer, phase: Phase,
@@ -557,18 +609,24 @@ def _variant(variant: str, stream: Stream, cfg: E2EConfig, base_env: dict[str, s
     port = _free_port() if variant == "confluent_1w" else 0
     log_path = logs / f"{variant}.log"
     name = f"bench-e2e.{variant}.{run_id}"
+    live = len(stream) - cfg.events
+    steady_events = stream.slice(cfg.events, cfg.events + live // 2)
+    fresh_events = stream.slice(cfg.events + live // 2, len(stream))
     try:
         result, profile = _throughput(
             _phase(variant, f"{name}.tput", base_env, namespace, port),
-            stream.slice(0, cfg.events), cfg, bootstrap, admin, log_path, port)
-        # the same Redis state (N events of history), fresh topics and workers
+            stream.slice(0, cfg.events), steady_events, cfg, bootstrap, admin, log_path, port)
+        # the same Redis state, fresh topics and freshly started workers: a restart's cost
         lat_port = _free_port() if port else 0
-        latency, lat_profile = _latency(
+        fresh, fresh_profile = _latency(
             _phase(variant, f"{name}.lat", base_env, namespace, lat_port),
-            stream.slice(cfg.events, len(stream)), cfg, bootstrap, admin, log_path, lat_port)
-        result.update(latency)
-        if profile is not None and lat_profile is not None:
-            profile["latency_phase"] = lat_profile
+            fresh_events, cfg, bootstrap, admin, log_path, lat_port)
+        if "latency_p99_ms" in result:
+            result["fresh_workers"] = fresh
+        else:  # the workers did not drain the backlog: no steady state to measure
+            result.update(fresh)
+        if profile is not None and fresh_profile is not None:
+            profile["fresh_workers_latency_phase"] = fresh_profile
         return result, profile
     finally:
         _drop_namespace(redis_url, namespace)
@@ -610,7 +668,8 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
     with tempfile.TemporaryDirectory(prefix="fraudscore-bench-e2e-") as tmp:
         progress("training a small model")
         ref = train_model(Path(tmp) / "registry")
-        n_live = int(cfg.rate * (cfg.warmup_s + cfg.latency_s) * 1.05) + PROBES + PRIME
+        # two latency runs: the throughput run's workers, then freshly started ones
+        n_live = 2 * (int(cfg.rate * (cfg.warmup_s + cfg.latency_s) * 1.05) + PROBES + PRIME)
         progress(f"simulating {cfg.events + n_live:,} events")
         stream = simulate_stream(cfg.events + n_live, cfg.seed)
         base_env = {
@@ -639,8 +698,12 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
             out[variant] = {"status": "ok", **result}
             if profile is not None:
                 out["profile"] = profile
+            fresh = result.get("fresh_workers", {})
+            restart = (f", fresh workers {fresh['latency_p50_ms']}/{fresh['latency_p99_ms']} ms"
+                       if fresh else "")
             progress(f"{variant}: {result['events_per_s']:,} events/s, latency p50/p99 "
                      f"{result['latency_p50_ms']}/{result['latency_p99_ms']} ms "
+                     f"({result['latency_workers']} workers){restart} "
                      f"({time.monotonic() - t:.0f}s)")
     out["targets"] = _targets(out)
     out["config"] = {

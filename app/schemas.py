@@ -42,7 +42,10 @@ def _require_rfc3339(value: Any) -> Any:
 
 
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00: a ValueError becomes a reason
+        raise ValueError("timestamp out of range once converted to UTC") from None
 
 
 _DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")  # 2·d with its digits summed

@@ -21,9 +21,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -50,6 +52,7 @@ TXN_RETRY_BACKOFF_MS = 2
 COMMIT_ATTEMPTS = 2  # a commit that times out is resumed once, then aborted
 IDLE_PING_S = 5.0  # when no events arrive, check Redis this often so /readyz stays truthful
 _UNKNOWN = -(2**62)
+_TOPIC, _PARTITION = attrgetter("topic"), attrgetter("partition")
 
 
 def ensure_topics(settings: Settings, partitions: int = 3) -> None:
@@ -126,6 +129,10 @@ class ConfluentEngine:
         self._skew_us = int(settings.max_partition_skew_s * 1e6)
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="fraudscore-commit")
         self._in_flight: _InFlight | None = None
+        # the group's generation for send_offsets_to_transaction: asking the client costs a
+        # round trip to its main thread (about 1 ms per batch), and it only changes with a
+        # rebalance, after which (or after any failed transaction) it is asked again
+        self._group_meta: Any = None
         self._drift: metrics.ScoreDrift | None = None
 
     def _new_producer(self) -> Producer:
@@ -211,6 +218,7 @@ class ConfluentEngine:
         """Cards may have moved to or from another worker: drop the cached card state. The
         batch committing finishes first (if it fails, the next owner reads it again)."""
         self._settle(align=False)
+        self._group_meta = None
         self.scorer.store.invalidate()
         self._event_us.clear()
         self._held.clear()  # a new assignment starts unpaused
@@ -238,12 +246,8 @@ class ConfluentEngine:
         after an outage, a crash or a rebalance scores exactly like a live run."""
         if self._skew_us <= 0:
             return
-        done = [] if result is None else zip(result.sources, result.event_us.tolist(),
-                                              strict=True)
-        for rec, t in done:
-            key = (rec.topic, rec.partition)
-            if t > self._event_us.get(key, _UNKNOWN):
-                self._event_us[key] = t
+        if result is not None and len(result.sources):
+            self._note_event_times(result.sources, result.event_us)
         topic = self.settings.topic_transactions
         mine = [tp for tp in self._consumer.assignment() if tp.topic == topic]
         if not mine:
@@ -288,6 +292,18 @@ class ConfluentEngine:
         if resume:
             self._consumer.resume(resume)
         self._held = ahead
+
+    def _note_event_times(self, sources: Sequence[InputRecord], event_us: np.ndarray) -> None:
+        """Each partition's latest event time so far, a batch at a time (numpy per
+        partition, not a Python step per event)."""
+        topics = np.array(list(map(_TOPIC, sources)), dtype=object)
+        parts = np.fromiter(map(_PARTITION, sources), dtype=np.int64, count=len(sources))
+        for topic in set(topics.tolist()):
+            in_topic = topics == topic
+            for p in np.unique(parts[in_topic]).tolist():
+                t = int(event_us[in_topic & (parts == p)].max())
+                if t > self._event_us.get((topic, p), _UNKNOWN):
+                    self._event_us[(topic, p)] = t
 
     def _idle_check(self) -> None:
         self._last_activity = time.monotonic()
@@ -362,6 +378,7 @@ class ConfluentEngine:
         ``produce`` on a producer already fenced) recreate the producer, which aborts
         whatever it left open. The batch is read again either way."""
         self.scorer.batch_aborted()
+        self._group_meta = None  # a stale generation may be why
         err = exc.args[0]
         metrics.RETRIES.labels("kafka").inc()
         if not err.fatal() and (err.txn_requires_abort() or err.retriable()):
@@ -453,9 +470,11 @@ class ConfluentEngine:
         next_offsets: dict[tuple[str, int], int] = {}
         for rec in records:
             next_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+        if self._group_meta is None:
+            self._group_meta = self._consumer.consumer_group_metadata()
         self._producer.send_offsets_to_transaction(
             [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()],
-            self._consumer.consumer_group_metadata(),
+            self._group_meta,
             TXN_TIMEOUT_S,
         )
         # Step 4
