@@ -176,3 +176,9 @@ def test_luhn_over_a_column_equals_luhn_per_card(cards: list[str]) -> None:
     for card in cards:
         if len(card) >= 2:
             assert luhn_all([card]) == luhn_ok(card)
+
+
+def test_fields_follow_the_contract() -> None:
+    """A field added to `Transaction` must be added here too, or the fast path would
+    drop it unvalidated."""
+    assert list(_FIELDS) == list(Transaction.model_fields)
