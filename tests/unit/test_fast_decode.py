@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -14,8 +15,19 @@ from pydantic import ValidationError
 from app.fast_decode import _FIELDS, fast_transactions, luhn_all
 from app.pipeline import InputRecord, decode
 from app.schemas import Transaction, luhn_ok
-from app.simulator import simulate
+from app.simulator import luhn_check_digits, simulate
 from app.sources import transactions_to_json
+
+
+def _pan(payload: str) -> str:
+    """A test PAN: `payload` and its Luhn check digit."""
+    digits = np.array([[int(c) for c in payload]])
+    return payload + str(int(luhn_check_digits(digits)[0]))
+
+
+PAN = _pan("400000000012345")  # test BIN, 16 digits
+WRONG_CHECK = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
+LONG_PAN = _pan("4" * 18)  # 19 digits
 
 
 def _pick(*options: object) -> st.SearchStrategy[object]:
@@ -44,9 +56,8 @@ _FIELD_VALUES: dict[str, st.SearchStrategy[object]] = {
     "terminal_id": _pick("T1", "", "t" * 129, ["T1"]) | _TEXT,
     "amount": _AMOUNTS,
     "currency": _pick("EUR", "eur", "EURO", "EU", "E\u00c9R", None, "EUR\n") | _TEXT,
-    "card_number": _pick("4000854982770705", "4000854982770704", "79927398713",
-                         "4" * 19 + "0", "0000000000000", "٤000854982770705", 4000854982770705,
-                         None, "40008549827707\n05"),
+    "card_number": _pick(PAN, WRONG_CHECK, "79927398713", LONG_PAN + "0", "0" * 13,
+                         "٤" + PAN[1:], int(PAN), None, PAN[:14] + "\n" + PAN[14:]),
     "merchant_category": _pick("5732", "573", "57321", "abcd", None, 5732),
     "channel": _pick("pos", "", "c" * 32, "c" * 33, None) | _TEXT,
     "country": _pick("BE", "be", "BEL", None, "B\n") | _TEXT,
@@ -70,7 +81,7 @@ _VALID: dict[str, st.SearchStrategy[object]] = {
     "amount": _pick(1, 5, 1e9, 0.01, 5e-324, 999999999, 0.1 + 0.2, 89.45)
     | st.floats(min_value=5e-324, max_value=1e9),
     "currency": _pick("EUR", "USD"),
-    "card_number": _pick("4000854982770705", "4" * 18 + "2", None),
+    "card_number": _pick(PAN, LONG_PAN, None),
     "merchant_category": _pick("5732", None),
     "channel": _pick("pos", "c" * 32, None),
     "country": _pick("BE", None),
@@ -149,7 +160,7 @@ def test_ordinary_batches_take_the_fast_path() -> None:
 def test_accepts_valid_edge_values() -> None:
     doc = {"transaction_id": "x" * 128, "timestamp": "2024-02-29T12:00:00.5-23:59",
            "customer_id": "é𝔸", "terminal_id": "T1", "amount": 1e9, "currency": "EUR",
-           "card_number": "4000854982770705", "email": "x" * 250 + "@bcd", "ip": "fe80::1%eth0",
+           "card_number": PAN, "email": "x" * 250 + "@bcd", "ip": "fe80::1%eth0",
            "channel": "c" * 32, "unknown": [1, [2, "x"]]}
     value = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
     items = fast_transactions([value, value])
