@@ -113,8 +113,8 @@ def fast_transactions(values: Sequence[bytes]) -> list[FastTransaction] | None:
         return None
     try:
         items = _DECODER.decode(b"[" + joined + b"]")
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None  # RecursionError: nesting deeper than msgspec follows (hostile input)
     if len(items) != n:
         return None
     columns = dict(zip(_FIELDS, zip(*map(_COLUMNS, items), strict=True), strict=True))

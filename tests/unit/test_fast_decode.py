@@ -193,3 +193,18 @@ def test_fields_follow_the_contract() -> None:
     """A field added to `Transaction` must be added here too, or the fast path would
     drop it unvalidated."""
     assert list(_FIELDS) == list(Transaction.model_fields)
+
+
+def test_hostile_values_are_declined_and_dead_lettered_not_raised() -> None:
+    """Nesting deeper than msgspec follows raised RecursionError (a worker crash)."""
+    ok = (b'{"transaction_id":"t","timestamp":"2026-01-01T00:00:00Z","customer_id":"c",'
+          b'"terminal_id":"x","amount":5,"currency":"EUR"')
+    hostile = [ok + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}",  # deep nesting
+               ok.replace(b"5,", b"1" + b"0" * 5000 + b",") + b"}",  # a 5,001-digit amount
+               ok.replace(b'"t"', b'"' + b"a" * 9000 + b'"') + b"}"]  # a 9,000-char id
+    for value in hostile:
+        assert fast_transactions([value, ok + b"}"]) is None
+        records = [InputRecord(value, None, "transactions", 0, 0),
+                   InputRecord(ok + b"}", None, "transactions", 0, 1)]
+        _, sources, dead = decode(records, 100_000, Transaction)
+        assert [s.offset for s in sources] == [1] and [d.record.offset for d in dead] == [0]
