@@ -22,15 +22,22 @@ class StubProducer:
         self.offsets_error = offsets_error
         self.offsets: list[object] = []
         self.commits = 0
+        self.calls: list[str] = []
+
+    def flush(self, timeout: float) -> int:
+        self.calls.append("flush")
+        return 0
 
     def send_offsets_to_transaction(self, offsets: list[object], group_meta: object,
                                     timeout: float) -> None:
+        self.calls.append("offsets")
         if self.offsets_error is not None:
             raise KafkaException(self.offsets_error)
         self.offsets.append((offsets, group_meta))
 
     def commit_transaction(self, timeout: float) -> None:
         self.commits += 1
+        self.calls.append("commit")
         if self.commit_errors:
             raise KafkaException(self.commit_errors.pop(0))
 
@@ -49,6 +56,9 @@ def test_a_commit_that_times_out_is_resumed_once_then_reported() -> None:
     confluent._commit(resumed, ["offsets"], "group")  # type: ignore[arg-type]
     assert resumed.commits == 2
     assert resumed.offsets == [(["offsets"], "group")]  # added once, before the commit
+    # the outputs are delivered before the offsets go in (see _commit: without the flush a
+    # commit stalled 30 s in 2 of 3 end-to-end runs)
+    assert resumed.calls == ["flush", "offsets", "commit", "commit"]
 
     stuck = StubProducer([timed_out(), timed_out(), timed_out()])
     with pytest.raises(KafkaException):
