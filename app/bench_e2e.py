@@ -29,10 +29,6 @@ While ``confluent_1w`` drains its N events, its /metrics stage histograms give t
 ``profile``: where a batch's time goes; ``profile.latency_phase`` and
 ``profile.fresh_workers_latency_phase`` are the same over the two latency windows (batch
 sizes there show how close to saturation each ran).
-
-The simulated stream is far denser in event time than a live one (`EVENTS_PER_DAY` a day,
-so that cards have history), so the workers' partition-skew bound is scaled to match
-(:func:`partition_skew_s`, reported as ``config.partition_skew_s``).
 """
 
 from __future__ import annotations
@@ -69,7 +65,6 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from app.config import Settings
 from features.definitions import (
     BURST_WINDOW_US,
     CARD_WINDOWS_DAYS,
@@ -132,17 +127,6 @@ class Stream:
 
 
 # ---- inputs: events, model, keys ---------------------------------------------------------
-
-
-def partition_skew_s(rate: float) -> float:
-    """The workers' partition-skew bound for the simulated stream: the service's default,
-    scaled by how much denser in event time a live stream offered at `rate` events/s is
-    than the simulated one (`EVENTS_PER_DAY` a day). Alignment then holds a partition as
-    often as it would live. Unscaled, the bound (1 h) was about 1 s of the simulated
-    stream at 5,000 events/s, so two workers took turns pausing each other's partitions
-    and measured a bench artefact (p99 2.9 s against 0.95 s scaled)."""
-    default = Settings.model_fields["max_partition_skew_s"].default
-    return float(default) * rate * 86_400 / EVENTS_PER_DAY
 
 
 def simulate_stream(n: int, seed: int) -> Stream:
@@ -688,9 +672,8 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
         n_live = 2 * (int(cfg.rate * (cfg.warmup_s + cfg.latency_s) * 1.05) + PROBES + PRIME)
         progress(f"simulating {cfg.events + n_live:,} events")
         stream = simulate_stream(cfg.events + n_live, cfg.seed)
-        skew_s = partition_skew_s(cfg.rate)
         base_env = {
-            **os.environ, **_keys_env(), "FRAUDSCORE_MAX_PARTITION_SKEW_S": f"{skew_s:.0f}",
+            **os.environ, **_keys_env(),
             "FRAUDSCORE_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "FRAUDSCORE_REDIS_URL": redis_url,
             "FRAUDSCORE_MODEL_DIR": str(ref.path), "FRAUDSCORE_MODEL_RELOAD_S": "0",
             "FRAUDSCORE_AUDIT_SCOPE": cfg.audit_scope, "FRAUDSCORE_LOG_LEVEL": "WARNING",
@@ -727,7 +710,7 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
         "events": cfg.events, "offered_rate": cfg.rate, "latency_window_s": cfg.latency_s,
         "warmup_s": cfg.warmup_s, "partitions": cfg.partitions,
         "max_throughput_s": cfg.max_seconds, "audit_scope": cfg.audit_scope,
-        "engine_env": dict(cfg.engine_env), "partition_skew_s": round(skew_s),
+        "engine_env": dict(cfg.engine_env),
         "model_version": ref.version, "cpus": os.cpu_count(),
         "bench_seconds": round(time.monotonic() - started),
     }
