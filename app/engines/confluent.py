@@ -537,8 +537,8 @@ def _commit(producer: Producer, offsets: list[TopicPartition], group_meta: Any) 
     Any error fails the future; the engine then aborts and reads the batch again."""
     left = producer.flush(TXN_TIMEOUT_S)
     if left:
-        log.warning("%d output(s) not delivered after %.0fs; committing anyway", left,
-                    TXN_TIMEOUT_S)
+        log.warning("%d output(s) not delivered after %.0fs; the commit waits for them "
+                    "(or fails, and the batch is read again)", left, TXN_TIMEOUT_S)
     producer.send_offsets_to_transaction(offsets, group_meta, TXN_TIMEOUT_S)
     for attempt in range(COMMIT_ATTEMPTS):
         try:

@@ -24,9 +24,11 @@ class StubProducer:
         self.commits = 0
         self.calls: list[str] = []
 
+    undelivered = 0
+
     def flush(self, timeout: float) -> int:
         self.calls.append("flush")
-        return 0
+        return self.undelivered
 
     def send_offsets_to_transaction(self, offsets: list[object], group_meta: object,
                                     timeout: float) -> None:
@@ -69,6 +71,18 @@ def test_a_commit_that_times_out_is_resumed_once_then_reported() -> None:
     with pytest.raises(KafkaException):
         confluent._commit(fenced, [], None)  # type: ignore[arg-type]
     assert fenced.commits == 1  # not retriable: no resume
+
+
+def test_outputs_still_undelivered_after_the_flush_leave_the_verdict_to_the_commit(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A flush that times out is logged, not fatal by itself: commit_transaction flushes
+    again and either completes or raises, and then the batch is read again."""
+    slow = StubProducer([timed_out(), timed_out()])
+    slow.undelivered = 2
+    with pytest.raises(KafkaException):
+        confluent._commit(slow, [], None)  # type: ignore[arg-type]
+    assert slow.calls == ["flush", "offsets", "commit", "commit"]
+    assert "2 output(s) not delivered" in caplog.text
 
 
 def test_offsets_that_cannot_be_added_fail_the_commit_before_it_starts() -> None:
