@@ -505,6 +505,11 @@ class ConfluentEngine:
 def consumer_config(settings: Settings, worker_id: int) -> dict[str, Any]:
     """The worker's consumer: manual offsets (they commit inside the transactions), committed
     input only, eager rebalances, and fetches sized to the worker's batches."""
+    extra = settings.kafka_client_config()
+    # with the backlog in one partition a fetch holds at most that partition's limit: a
+    # minimum above it would make every fetch of a backlog wait out FETCH_WAIT_MS
+    per_partition = extra.get("max.partition.fetch.bytes",
+                              extra.get("fetch.message.max.bytes", 1_048_576))
     return {
         # Fetches: librdkafka's defaults (fetch.min.bytes 1) have the broker answer as soon
         # as any byte arrives, so under a steady trickle of small produce requests the
@@ -514,8 +519,8 @@ def consumer_config(settings: Settings, worker_id: int) -> dict[str, Any]:
         # FETCH_WAIT_MS, whichever comes first: under a backlog at once, as before.
         # FRAUDSCORE_KAFKA_CONFIG can set either.
         "fetch.wait.max.ms": FETCH_WAIT_MS,
-        "fetch.min.bytes": FETCH_MIN_BYTES,
-        **settings.kafka_client_config(),
+        "fetch.min.bytes": min(FETCH_MIN_BYTES, int(per_partition)),
+        **extra,
         "group.id": settings.group_id,
         # static membership: a worker restarted after a crash takes its old place at
         # once instead of waiting for the session timeout and a full rebalance

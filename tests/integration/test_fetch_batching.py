@@ -93,3 +93,7 @@ def test_fetch_settings_can_be_overridden_but_exactly_once_keys_cannot() -> None
     assert config["isolation.level"] == "read_committed"
     assert config["enable.auto.commit"] is False
     assert config["group.instance.id"].endswith("-worker-3")
+    # a smaller per-partition limit caps the minimum, so a backlog is still fetched at once
+    small = consumer_config(load_settings(kafka_config={"max.partition.fetch.bytes": 65536}),
+                            worker_id=0)
+    assert small["fetch.min.bytes"] == 65536
