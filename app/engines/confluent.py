@@ -510,6 +510,9 @@ def consumer_config(settings: Settings, worker_id: int) -> dict[str, Any]:
     # minimum above it would make every fetch of a backlog wait out FETCH_WAIT_MS
     per_partition = extra.get("max.partition.fetch.bytes",
                               extra.get("fetch.message.max.bytes", 1_048_576))
+    min_bytes = FETCH_MIN_BYTES
+    with contextlib.suppress(TypeError, ValueError):  # else librdkafka names the bad value
+        min_bytes = max(1, min(FETCH_MIN_BYTES, int(per_partition)))
     return {
         # Fetches: librdkafka's defaults (fetch.min.bytes 1) have the broker answer as soon
         # as any byte arrives, so under a steady trickle of small produce requests the
@@ -519,7 +522,7 @@ def consumer_config(settings: Settings, worker_id: int) -> dict[str, Any]:
         # FETCH_WAIT_MS, whichever comes first: under a backlog at once, as before.
         # FRAUDSCORE_KAFKA_CONFIG can set either.
         "fetch.wait.max.ms": FETCH_WAIT_MS,
-        "fetch.min.bytes": min(FETCH_MIN_BYTES, int(per_partition)),
+        "fetch.min.bytes": min_bytes,
         **extra,
         "group.id": settings.group_id,
         # static membership: a worker restarted after a crash takes its old place at

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaException, Producer
 
 from app.config import load_settings
-from app.engines.confluent import FETCH_WAIT_MS, consumer_config
+from app.engines.confluent import FETCH_MIN_BYTES, FETCH_WAIT_MS, consumer_config
 from tests.integration.conftest import create_topics
 
 pytestmark = pytest.mark.integration
@@ -97,3 +97,8 @@ def test_fetch_settings_can_be_overridden_but_exactly_once_keys_cannot() -> None
     small = consumer_config(load_settings(kafka_config={"max.partition.fetch.bytes": 65536}),
                             worker_id=0)
     assert small["fetch.min.bytes"] == 65536
+    # a value that is not a number is left for librdkafka to refuse, naming the property
+    bad = load_settings(kafka_config={"max.partition.fetch.bytes": "lots"})
+    assert consumer_config(bad, worker_id=0)["fetch.min.bytes"] == FETCH_MIN_BYTES
+    with pytest.raises(KafkaException, match="Invalid value for configuration property"):
+        Consumer(consumer_config(bad, worker_id=0))
