@@ -108,6 +108,8 @@ class E2EConfig:
     seed: int = 21
     startup_timeout_s: float = 180.0
     drain_s: float = 10.0  # latency: how long to wait for the last outputs
+    # drained through one default worker before any variant, unmeasured (see _warm_broker)
+    broker_warmup_events: int = 0
     engine_env: tuple[tuple[str, str], ...] = ()  # FRAUDSCORE_* overrides for every variant
 
 
@@ -250,6 +252,17 @@ def _produce_all(bootstrap: str, topic: str, stream: Stream) -> None:
         raise RuntimeError("events left undelivered")
 
 
+def _offering_producer(bootstrap: str) -> Producer:
+    """The producer of the offered load, with librdkafka's default linger (5 ms), as an
+    untuned producer has it; the latency is timed from `produce()`, so the linger counts.
+
+    It used to linger 1 ms: at 5,000 events/s that is about 1,000 produce requests a
+    second, which cost the broker on the same two cores more CPU than the scoring (2 pairs,
+    A and B alternated, one worker at 5,000/s: p99 380/285 ms with 1 ms, 252/211 ms with
+    5 ms; the broker's share of the run 0.35/0.28 cores against 0.28/0.26)."""
+    return Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+
+
 def _produce_one(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
     while True:
         try:
@@ -341,7 +354,7 @@ def _steady(proc: subprocess.Popen[bytes], reader: Consumer, phase: Phase, live:
     """Latency of workers that have just drained the throughput backlog: what a service
     that has been running for a while gives (`reader` has read every output so far)."""
     watcher = _Visibility(reader)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+    producer = _offering_producer(bootstrap)
     scraped: list[dict[str, float]] = []
 
     def scrape() -> None:
@@ -483,7 +496,7 @@ def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
     _create_topics(admin, topics, cfg.partitions)
     reader = _reader(bootstrap, phase.topics["scores"], cfg.partitions)
     watcher = _Visibility(reader)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+    producer = _offering_producer(bootstrap)
     sent: dict[str, float] = {}
     scraped: list[dict[str, float]] = []
 
@@ -640,6 +653,37 @@ def _variant(variant: str, stream: Stream, cfg: E2EConfig, base_env: dict[str, s
         _drop_namespace(redis_url, namespace)
 
 
+def _warm_broker(stream: Stream, cfg: E2EConfig, base_env: dict[str, str], bootstrap: str,
+                 redis_url: str, admin: AdminClient, logs: Path) -> dict[str, Any]:
+    """Drain `stream` through one default worker, unmeasured, so that no variant pays for
+    the broker's warm-up. A freshly started broker's JIT compiler works through its first
+    several hundred thousand transactional messages: over four 100,000-event drains
+    (`scripts/cpu_split.py`) its C2 compiler thread used 7.9, 6.6, 5.3 and 2.6 s of CPU and
+    the broker 114, 88, 67 and 52 µs per event, CPU the first variant's worker then lacks
+    on two cores."""
+    started = time.monotonic()
+    run_id = uuid.uuid4().hex[:8]
+    namespace = f"bench-e2e-{run_id}"
+    phase = _phase("confluent_1w", f"bench-e2e.warmup.{run_id}", base_env, namespace)
+    topics = list(phase.topics.values())
+    _create_topics(admin, topics, cfg.partitions)
+    try:
+        _produce_all(bootstrap, phase.topics["transactions"], stream)
+        reader = _reader(bootstrap, phase.topics["scores"], cfg.partitions)
+        try:
+            with _workers(phase, logs / "broker_warmup.log") as proc:
+                result, _ = _count(proc, reader, phase, len(stream), cfg, admin,
+                                   logs / "broker_warmup.log", 0)
+        finally:
+            reader.close()
+    finally:
+        _delete_topics(admin, topics)
+        _drop_namespace(redis_url, namespace)
+    return {"events": len(stream), "drained": result["drained"],
+            "events_per_s": result["events_per_s"],
+            "seconds": round(time.monotonic() - started)}
+
+
 def _targets(out: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, judged on the faster confluent variant."""
     rates = {v: out[v]["events_per_s"] for v in ("confluent_1w", "confluent_2w")
@@ -688,6 +732,16 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
             **dict(cfg.engine_env),
         }
         admin = AdminClient({"bootstrap.servers": bootstrap})
+        warmup: dict[str, Any] | None = None
+        if cfg.broker_warmup_events > 0:
+            n = min(cfg.broker_warmup_events, cfg.events)
+            progress(f"warming the broker: {n:,} events through one worker, not measured")
+            try:
+                warmup = _warm_broker(stream.slice(0, n), cfg, base_env, bootstrap,
+                                      redis_url, admin, Path(tmp))
+            except (VariantFailed, KafkaException, RuntimeError) as exc:
+                warmup = {"status": "error", "reason": str(exc)[-2000:]}
+                progress(f"broker warm-up failed: {str(exc)[-500:]}")
         for variant in cfg.variants:
             why = faust_missing() if variant == "faust" else None
             if why is not None:
@@ -718,7 +772,7 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
         "events": cfg.events, "offered_rate": cfg.rate, "latency_window_s": cfg.latency_s,
         "warmup_s": cfg.warmup_s, "partitions": cfg.partitions,
         "max_throughput_s": cfg.max_seconds, "audit_scope": cfg.audit_scope,
-        "engine_env": dict(cfg.engine_env),
+        "engine_env": dict(cfg.engine_env), "broker_warmup": warmup,
         "model_version": ref.version, "cpus": os.cpu_count(),
         "bench_seconds": round(time.monotonic() - started),
     }

@@ -408,6 +408,9 @@ def bench_e2e(
     = "confluent_1w,confluent_2w,faust,naive",
     env: Annotated[list[str] | None, typer.Option(
         "--env", help="FRAUDSCORE_NAME=VALUE for every variant's workers (repeatable)")] = None,
+    broker_warmup_events: Annotated[int, typer.Option(
+        min=0, help="drained through one worker first, unmeasured: the broker's JIT warm-up "
+        "falls on no variant (0 = off)")] = 300_000,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Engines end to end on Kafka + Redis, side by side: events/s and p50/p99 latency."""
@@ -423,7 +426,8 @@ def bench_e2e(
                     warmup_s=warmup_seconds, partitions=partitions, max_seconds=max_seconds,
                     audit_scope=audit_scope,
                     variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-                    engine_env=tuple((name, value) for name, _, value in overrides))
+                    engine_env=tuple((name, value) for name, _, value in overrides),
+                    broker_warmup_events=broker_warmup_events)
     try:
         result = run(settings.kafka_bootstrap_servers, settings.redis_url, cfg,
                      progress=lambda line: console.print(line, markup=False, highlight=False))

@@ -50,3 +50,6 @@ def test_bench_e2e_prints_throughput_latency_and_profile(kafka_bootstrap: str,
         assert profile[phase]["batches"] > 0
     assert doc["targets"]["confluent_variant"] == "confluent_1w"
     assert doc["config"]["events"] == 20000
+    # the broker warm-up (default 300,000 events, capped at --events) ran first, unmeasured
+    assert doc["config"]["broker_warmup"]["events"] == 20000
+    assert doc["config"]["broker_warmup"]["drained"]
