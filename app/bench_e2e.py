@@ -320,12 +320,12 @@ def _check_alive(proc: subprocess.Popen[bytes], log_path: Path) -> None:
 # ---- throughput --------------------------------------------------------------------------
 
 
-def _throughput(phase: Phase, stream: Stream, live: Stream, cfg: E2EConfig, bootstrap: str,
-                admin: AdminClient, log_path: Path, metrics_port: int
+def _throughput(phase: Phase, stream: Stream, live: Stream | None, cfg: E2EConfig,
+                bootstrap: str, admin: AdminClient, log_path: Path, metrics_port: int
                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Drain `stream` (produced beforehand) through the variant's workers; then, when they
-    drained it, offer `live` at the fixed rate to the same workers (steady state: caches
-    warm, group settled) and measure its latency."""
+    drained it, offer `live` (if any) at the fixed rate to the same workers (steady state:
+    caches warm, group settled) and measure its latency."""
     topics = list(phase.topics.values())
     _create_topics(admin, topics, cfg.partitions)
     try:
@@ -335,7 +335,7 @@ def _throughput(phase: Phase, stream: Stream, live: Stream, cfg: E2EConfig, boot
             with _workers(phase, log_path) as proc:
                 result, profile = _count(proc, reader, phase, len(stream), cfg, admin,
                                          log_path, metrics_port)
-                if result["drained"]:
+                if result["drained"] and live is not None:
                     steady, steady_profile = _steady(proc, reader, phase, live, cfg, bootstrap,
                                                      log_path, metrics_port)
                     result.update(steady)
@@ -665,19 +665,10 @@ def _warm_broker(stream: Stream, cfg: E2EConfig, base_env: dict[str, str], boots
     run_id = uuid.uuid4().hex[:8]
     namespace = f"bench-e2e-{run_id}"
     phase = _phase("confluent_1w", f"bench-e2e.warmup.{run_id}", base_env, namespace)
-    topics = list(phase.topics.values())
-    _create_topics(admin, topics, cfg.partitions)
     try:
-        _produce_all(bootstrap, phase.topics["transactions"], stream)
-        reader = _reader(bootstrap, phase.topics["scores"], cfg.partitions)
-        try:
-            with _workers(phase, logs / "broker_warmup.log") as proc:
-                result, _ = _count(proc, reader, phase, len(stream), cfg, admin,
-                                   logs / "broker_warmup.log", 0)
-        finally:
-            reader.close()
+        result, _ = _throughput(phase, stream, None, cfg, bootstrap, admin,
+                                logs / "broker_warmup.log", 0)
     finally:
-        _delete_topics(admin, topics)
         _drop_namespace(redis_url, namespace)
     return {"events": len(stream), "drained": result["drained"],
             "events_per_s": result["events_per_s"],
