@@ -257,9 +257,9 @@ def _offering_producer(bootstrap: str) -> Producer:
     untuned producer has it; the latency is timed from `produce()`, so the linger counts.
 
     It used to linger 1 ms: at 5,000 events/s that is about 1,000 produce requests a
-    second, which cost the broker on the same two cores more CPU than the scoring (2 pairs,
-    A and B alternated, one worker at 5,000/s: p99 380/285 ms with 1 ms, 252/211 ms with
-    5 ms; the broker's share of the run 0.35/0.28 cores against 0.28/0.26)."""
+    second for the broker to answer on the two cores the worker needs too (2 pairs, A and
+    B alternated, one worker at 5,000/s: p99 380/285 ms with 1 ms, 252/211 ms with 5 ms;
+    the broker's share of the run 0.35/0.28 cores against 0.28/0.26)."""
     return Producer({"bootstrap.servers": bootstrap, "acks": "all"})
 
 
