@@ -322,6 +322,10 @@ def run(
     if engine is Engine.faust:
         from app.engines.faust_engine import serve  # type: ignore[assignment]
 
+    try:
+        factory.refuse_cluster(settings.redis_url)
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
     ensure_topics(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

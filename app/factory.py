@@ -44,6 +44,22 @@ def redis_client(url: str) -> redis.Redis:
                                 health_check_interval=30)
 
 
+def refuse_cluster(url: str) -> None:
+    """Stop at start when `url` is a Redis Cluster node, instead of a worker that pauses and
+    retries forever: each batch's read and write span many slots (one MULTI, one script),
+    which a cluster refuses (CROSSSLOT). A Redis that cannot be reached yet passes: the
+    workers wait for it with backoff."""
+    try:
+        enabled = redis_client(url).info("cluster").get("cluster_enabled")
+    except redis.RedisError:
+        return
+    if enabled:
+        raise ConfigError(
+            f"invalid configuration: FRAUDSCORE_REDIS_URL ({url.split('@')[-1]}) is a Redis "
+            "Cluster node; the feature store needs one Redis primary (each batch reads and "
+            "writes many cards' keys atomically, across cluster slots)")
+
+
 def model_source(settings: Settings, model: Path | None) -> Path | None:
     return model or settings.model_dir
 

@@ -2,7 +2,9 @@
 
 Per micro-batch the store makes at most one read (one MULTI: new label-log entries, and only
 what is not cached yet) and one write (one atomic Lua call: card appends, one terminal
-chunk per event hour). Keys (each carries a hash tag, so it maps to one Cluster slot):
+chunk per event hour). Keys (each carries a hash tag per entity, but a batch's MULTI and
+script span many slots, so the store needs one Redis primary, not a Cluster: the CLI refuses
+a Cluster node at start):
 
 - ``{ns}:card92:{<token>}``: the card's recent events, ``CARD_RECORD`` each (92 bytes: the
   window inputs, the transaction id's 64-bit hash, and the terminal and label counts the
