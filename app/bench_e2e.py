@@ -474,6 +474,8 @@ class _Visibility(threading.Thread):
         super().__init__(name="bench-visibility", daemon=True)
         self.reader = reader
         self.seen: dict[str, float] = {}
+        # the score's Kafka timestamp (ms, wall clock): when the worker produced it
+        self.emitted_ms: dict[str, int] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -484,7 +486,10 @@ class _Visibility(threading.Thread):
             now = time.perf_counter()
             for msg in [first, *self.reader.consume(1000, 0)]:
                 if msg.error() is None:
-                    self.seen.setdefault(json.loads(msg.value())["transaction_id"], now)
+                    tx = json.loads(msg.value())["transaction_id"]
+                    if tx not in self.seen:
+                        self.seen[tx] = now
+                        self.emitted_ms[tx] = msg.timestamp()[1]
 
 
 def _latency(phase: Phase, stream: Stream, cfg: E2EConfig, bootstrap: str,
@@ -539,6 +544,7 @@ def _offered(proc: subprocess.Popen[bytes], producer: Producer, topic: str, stre
     seen = dict(watcher.seen)
     lat = np.array([seen.get(k, gave_up) - sent[k] for k in measured]) * 1000
     missing = sum(1 for k in measured if k not in seen)
+    split = _latency_split(sent, seen, watcher.emitted_ms, measured)
     in_window = sum(1 for t in seen.values() if window[0] <= t <= window[1])
     output_rate = in_window / (window[1] - window[0])
     return {
@@ -546,6 +552,7 @@ def _offered(proc: subprocess.Popen[bytes], producer: Producer, topic: str, stre
         "latency_p99_ms": round(float(np.quantile(lat, 0.99)), 1),
         "latency_max_ms": round(float(lat.max()), 1),
         "latency_events": len(measured),
+        **split,
         # still invisible at the drain deadline; counted at that moment, so a lower bound
         "latency_missing": missing,
         "offered_rate": cfg.rate,
@@ -553,6 +560,28 @@ def _offered(proc: subprocess.Popen[bytes], producer: Producer, topic: str, stre
         # falling behind the offered rate: the latencies then grow with the window
         "saturated": missing > 0 or output_rate < 0.95 * cfg.rate,
         "window_s": window[1] - window[0],
+    }
+
+
+def _latency_split(sent: dict[str, float], seen: dict[str, float], emitted_ms: dict[str, int],
+                   measured: list[str]) -> dict[str, float | None]:
+    """The latency in two parts, at the score's Kafka timestamp (the worker's produce call,
+    wall clock in ms, this machine's): before it, the input's produce, fetch and wait for
+    a batch, and the batch's work up to its outputs; after it, the outputs' delivery, the
+    transaction's commit and the reader's fetch."""
+    keys = [k for k in measured if k in seen and emitted_ms.get(k, -1) > 0]
+    if not keys:
+        return {"to_emit_p50_ms": None, "to_emit_p99_ms": None,
+                "emit_to_visible_p50_ms": None, "emit_to_visible_p99_ms": None}
+    offset = time.time() - time.perf_counter()  # perf_counter -> wall clock, in seconds
+    emitted = np.array([emitted_ms[k] for k in keys]) / 1000.0 - offset
+    before = (emitted - np.array([sent[k] for k in keys])) * 1000
+    after = (np.array([seen[k] for k in keys]) - emitted) * 1000
+    return {
+        "to_emit_p50_ms": round(float(np.median(before)), 1),
+        "to_emit_p99_ms": round(float(np.quantile(before, 0.99)), 1),
+        "emit_to_visible_p50_ms": round(float(np.median(after)), 1),
+        "emit_to_visible_p99_ms": round(float(np.quantile(after, 0.99)), 1),
     }
 
 

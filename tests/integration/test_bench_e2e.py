@@ -39,6 +39,10 @@ def test_bench_e2e_prints_throughput_latency_and_profile(kafka_bootstrap: str,
     # state of those workers, and a restart is measured apart
     steady = doc["confluent_1w"]
     assert steady["drained"] and steady["latency_workers"] == "warm"
+    # split at the score's Kafka timestamp: both parts measured, each within the whole
+    for part in ("to_emit", "emit_to_visible"):
+        assert 0 < steady[f"{part}_p50_ms"] <= steady[f"{part}_p99_ms"]
+        assert steady[f"{part}_p50_ms"] < steady["latency_p99_ms"]
     fresh = steady["fresh_workers"]
     assert fresh["latency_workers"] == "fresh"
     assert 0 < fresh["latency_p50_ms"] <= fresh["latency_p99_ms"]
