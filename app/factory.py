@@ -50,7 +50,11 @@ def refuse_cluster(url: str) -> None:
     which a cluster refuses (CROSSSLOT). A Redis that cannot be reached yet passes: the
     workers wait for it with backoff."""
     try:
-        enabled = redis_client(url).info("cluster").get("cluster_enabled")
+        client = redis_client(url)
+    except ValueError as exc:  # a port that is not a number, a broken IPv6 address, ...
+        raise ConfigError(f"invalid configuration: FRAUDSCORE_REDIS_URL: {exc}") from None
+    try:
+        enabled = client.info("cluster").get("cluster_enabled")
     except redis.RedisError:
         return
     if enabled:

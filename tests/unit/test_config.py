@@ -72,3 +72,11 @@ def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRAUDSCORE_TOKEN_KEY", "c2VjcmV0LXNlY3JldC1zZWNyZXQ=")
     s = load_settings()
     assert "c2VjcmV0" not in repr(s) and "c2VjcmV0" not in str(s.model_dump())
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:notaport/0", "redis://[::1:6379/0"])
+def test_a_redis_url_that_cannot_be_parsed_names_the_setting(url: str) -> None:
+    from app.factory import refuse_cluster
+
+    with pytest.raises(ConfigError, match="FRAUDSCORE_REDIS_URL"):
+        refuse_cluster(url)
