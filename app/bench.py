@@ -40,6 +40,21 @@ class BenchConfig:
     batch_size: int = 500
     stream_days: int = 2  # the last days are streamed; the first of them warms the caches
     seed: int = 9
+    shards: int | None = None  # the store's card shards; None: 1 on one Redis, 16 on a Cluster
+
+
+def _client(url: str) -> redis.Redis | redis.RedisCluster:
+    from app.factory import redis_client
+
+    return redis_client(url)
+
+
+def _store(client: redis.Redis | redis.RedisCluster, namespace: str, cfg: BenchConfig
+           ) -> RedisFeatureStore:
+    from app.factory import CLUSTER_SHARDS
+
+    shards = cfg.shards or (CLUSTER_SHARDS if isinstance(client, redis.RedisCluster) else 1)
+    return RedisFeatureStore(client, namespace=namespace, shards=shards)
 
 
 def _slice(ev: EventBatch, a: int, b: int) -> EventBatch:
@@ -49,7 +64,7 @@ def _slice(ev: EventBatch, a: int, b: int) -> EventBatch:
 def _probe(url: str, key: str, ready: mp.Event, stop: mp.Event,  # type: ignore[valid-type]
            out: mp.Queue) -> None:  # type: ignore[type-arg]
     """Another Redis user: a GET every millisecond, latencies in ms."""
-    client = redis.Redis.from_url(url)
+    client = _client(url)
     client.set(key, b"x" * 64)
     ready.set()
     lat = []
@@ -147,9 +162,9 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
     """Measure both designs on `url`; returns the JSON object the CLI prints."""
     stream = _Stream.simulated(cfg)
     events = stream.events
-    client = redis.Redis.from_url(url)
+    client = _client(url)
     ns = f"bench-{uuid.uuid4().hex[:8]}"
-    store = RedisFeatureStore(client, namespace=ns)
+    store = _store(client, ns, cfg)
     naive = NaiveStore(client, f"{ns}-naive")
     stream.load(store)
     naive.load(stream.history, stream.until_us)
@@ -202,14 +217,16 @@ def run(url: str, cfg: BenchConfig) -> dict[str, float | int | str]:
         "bytes_per_card_state": memory_card,
         "bytes_per_terminal_hour_bucket": memory_bucket,
         "redis_url": url.split("@")[-1],
+        "shards": store._shards,
     }
 
 
-def _owned_stream(url: str, namespace: str, events: EventBatch, warm: int, batch_size: int,
+def _owned_stream(url: str, namespace: str, events: EventBatch, warm: int, cfg: BenchConfig,
                   start: Any, out: Any) -> None:
     """One worker process: the events of the cards it owns, in time order. It warms its
     caches on the first streamed day, waits for the others, then times the second."""
-    store = RedisFeatureStore(redis.Redis.from_url(url), namespace=namespace)
+    store = _store(_client(url), namespace, cfg)
+    batch_size = cfg.batch_size
     for a in range(0, warm, batch_size):
         store.update_many(_slice(events, a, min(warm, a + batch_size)))
     start.wait()
@@ -246,20 +263,19 @@ def scale(url: str, cfg: BenchConfig, processes: Sequence[int] = (1, 2)
     events, warm_mask = stream.events, stream.warm
     owner_hash = np.fromiter((zlib.crc32(c.encode()) for c in events.cards), dtype=np.int64,
                              count=len(events))
-    client = redis.Redis.from_url(url)
+    client = _client(url)
     ctx = mp.get_context("spawn")
     result: dict[str, Any] = {"batch_size": cfg.batch_size, "cards": cfg.customers,
                               "processes": {}}
     for n in processes:
         ns = f"bench-{uuid.uuid4().hex[:8]}"
-        stream.load(RedisFeatureStore(client, namespace=ns))
+        stream.load(_store(client, ns, cfg))
         start, out = ctx.Barrier(n, timeout=BARRIER_TIMEOUT_S), ctx.Queue()
         procs = []
         for part in range(n):
             idx = np.flatnonzero(owner_hash % n == part)
             procs.append(ctx.Process(target=_owned_stream, args=(
-                url, ns, take_events(events, idx), int(warm_mask[idx].sum()), cfg.batch_size,
-                start, out)))
+                url, ns, take_events(events, idx), int(warm_mask[idx].sum()), cfg, start, out)))
         try:
             for proc in procs:
                 proc.start()

@@ -323,7 +323,7 @@ def run(
         from app.engines.faust_engine import serve  # type: ignore[assignment]
 
     try:
-        factory.refuse_cluster(settings.redis_url)
+        factory.check_redis(settings)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
     ensure_topics(settings)
@@ -348,16 +348,21 @@ def bench_features(
     processes: Annotated[int, typer.Option(
         help="instead: the store with 1 and with N worker processes, each owning a share "
              "of the cards, side by side")] = 0,
+    shards: Annotated[int | None, typer.Option(
+        help="the store's card shards (default: 1 on one Redis, 16 on a Cluster)")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Feature store vs naive pipelined HGETALL, side by side on the real Redis."""
+    """Feature store vs naive pipelined HGETALL, side by side on the real Redis (or a Redis
+    Cluster: FRAUDSCORE_REDIS_URL naming any of its nodes)."""
     import json
 
     from app.bench import BenchConfig, run, scale
 
     settings = _settings()
+    if shards is not None and shards < 1:
+        raise _fail("--shards must be 1 or more", 2)
     cfg = BenchConfig(customers=customers, terminals=2 * customers, days=days,
-                      batch_size=batch_size)
+                      batch_size=batch_size, shards=shards)
     if processes < 0 or processes == 1:
         raise _fail("--processes must be 2 or more (0: the usual comparison)", 2)
     result = (scale(settings.redis_url, cfg, (1, processes)) if processes

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     )
     redis_namespace: str = Field(default="fs", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
                                  description="prefix of every Redis key this service writes")
+    redis_cluster: bool | None = Field(
+        default=None, description="the Redis URL names a Redis Cluster node; unset: ask the "
+        "server at start (set it when the workers may start before Redis is up)")
+    redis_shards: Annotated[int, Field(ge=1, le=4096)] | None = Field(
+        default=None, description="card shards (each one hash slot); fixed per namespace. "
+        "Unset: 1 on one Redis, 16 on a Cluster")
     cache_cards: Annotated[int, Field(ge=1)] = Field(
         default=250_000, description="cards a worker keeps in memory, least recently used "
         "evicted (100 bytes per kept event, its region rounded up to a power of two)")

@@ -15,7 +15,7 @@ from app.security import keys as key_settings
 from app.security.envelope import FieldCipher
 from app.security.keyring import Keyring, KeyringWatcher
 from app.security.tokens import KeyMaterialError, Tokenizer, load_key
-from features.online import RedisFeatureStore
+from features.online import FeatureStoreUnavailable, RedisFeatureStore
 from models.policy import Policy
 from models.registry import ModelRef, resolve
 from models.runtime import ModelRuntime, ModelWatcher
@@ -39,29 +39,55 @@ def keys_from_settings(settings: Settings) -> tuple[bytes, bytes]:
     return token_key, ring.keys[ring.active]
 
 
-def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                health_check_interval=30)
+CLUSTER_SHARDS = 16  # enough slots to spread a namespace's cards over a few primaries
 
 
-def refuse_cluster(url: str) -> None:
-    """Stop at start when `url` is a Redis Cluster node, instead of a worker that pauses and
-    retries forever: each batch's read and write span many slots (one MULTI, one script),
-    which a cluster refuses (CROSSSLOT). A Redis that cannot be reached yet passes: the
-    workers wait for it with backoff."""
+def _is_cluster(url: str) -> bool:
+    """Whether `url` names a Redis Cluster node; False when it cannot be reached yet (the
+    workers then wait for it with backoff)."""
     try:
-        client = redis_client(url)
+        return bool(redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+                    .info("cluster").get("cluster_enabled"))
+    except redis.RedisError:
+        return False
+
+
+def redis_client(url: str, cluster: bool | None = None) -> redis.Redis | redis.RedisCluster:
+    """A client for one Redis or, when `url` names a Cluster node (asked when `cluster` is
+    None), a cluster client that routes each command to the node owning its slot."""
+    try:
+        if cluster is None:
+            cluster = _is_cluster(url)
+        if cluster:
+            return redis.RedisCluster.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
+                                    health_check_interval=30)
     except ValueError as exc:  # a port that is not a number, a broken IPv6 address, ...
         raise ConfigError(f"invalid configuration: FRAUDSCORE_REDIS_URL: {exc}") from None
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:  # not usable
+        raise ConfigError(f"FRAUDSCORE_REDIS_URL ({url.split('@')[-1]}): Redis Cluster not "
+                          f"usable: {exc}") from None
+
+
+def store_shards(settings: Settings, client: redis.Redis | redis.RedisCluster) -> int:
+    if settings.redis_shards is not None:
+        return settings.redis_shards
+    return CLUSTER_SHARDS if isinstance(client, redis.RedisCluster) else 1
+
+
+def check_redis(settings: Settings) -> None:
+    """Stop at start on a Redis URL that cannot be used, or on a namespace created with
+    another shard count (its cards would be looked for in the wrong slots). A Redis that
+    cannot be reached yet passes: the workers wait for it with backoff."""
+    client = redis_client(settings.redis_url, settings.redis_cluster)
+    store = RedisFeatureStore(client, namespace=settings.redis_namespace,
+                              shards=store_shards(settings, client))
     try:
-        enabled = client.info("cluster").get("cluster_enabled")
-    except redis.RedisError:
+        store.check_shards()
+    except FeatureStoreUnavailable:
         return
-    if enabled:
-        raise ConfigError(
-            f"invalid configuration: FRAUDSCORE_REDIS_URL ({url.split('@')[-1]}) is a Redis "
-            "Cluster node; the feature store needs one Redis primary (each batch reads and "
-            "writes many cards' keys atomically, across cluster slots)")
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: FRAUDSCORE_REDIS_SHARDS: {exc}") from None
 
 
 def model_source(settings: Settings, model: Path | None) -> Path | None:
@@ -127,8 +153,8 @@ def pii_cipher(settings: Settings, pii_key: bytes) -> tuple[FieldCipher, Keyring
 
 
 def build_scorer(
-    settings: Settings, client: redis.Redis, ref: ModelRef, token_key: bytes, pii_key: bytes,
-    follow: Path | None = None, worker_id: int | None = None,
+    settings: Settings, client: redis.Redis | redis.RedisCluster, ref: ModelRef,
+    token_key: bytes, pii_key: bytes, follow: Path | None = None, worker_id: int | None = None,
 ) -> Scorer:
     """`follow`: the registry folder the model came from; its LATEST is then watched.
     `worker_id`: the Kafka worker's index (its audit chain is then its transactional id)."""
@@ -144,7 +170,8 @@ def build_scorer(
     cipher, key_watcher = pii_cipher(settings, pii_key)
     scorer = Scorer(
         store=RedisFeatureStore(client, namespace=settings.redis_namespace,
-                                cache_cards=settings.cache_cards),
+                                cache_cards=settings.cache_cards,
+                                shards=store_shards(settings, client)),
         model=runtime,
         tokenizer=Tokenizer(token_key),
         cipher=cipher,

@@ -67,15 +67,18 @@ def _running(values: np.ndarray, counts: np.ndarray, first: np.ndarray) -> np.nd
 class CardArena:
     """Card token → its kept events, columnar; least recently used cards are evicted."""
 
-    def __init__(self, capacity: int, key: Callable[[str], str]) -> None:
+    def __init__(self, capacity: int, key: Callable[[str], str],
+                 shard: Callable[[str], int] = lambda token: 0) -> None:
         self.capacity = capacity
         self._key = key  # a card's Redis key
+        self._shard = shard  # the store shard (one hash slot on Redis Cluster) of a card
         self.clear()
 
     def clear(self) -> None:
         self.slot: dict[str, int] = {}
         self.tokens: list[str | None] = []
         self.keys: list[str | None] = []  # per slot, its card's Redis key
+        self.shard = np.zeros(0, dtype=np.int64)  # per slot, its card's store shard
         self._free: list[int] = []
         self.base = np.zeros(0, dtype=np.int64)  # region [base, base + cap)
         self.cap = np.zeros(0, dtype=np.int64)
@@ -153,12 +156,14 @@ class CardArena:
                 self.ordered = _grown(self.ordered, grow)
                 self.renewed = _grown(self.renewed, grow, -np.inf)
                 self.used = _grown(self.used, grow)
+                self.shard = _grown(self.shard, grow)
         slots = np.array(self._free[-len(tokens):][::-1] if tokens else [], dtype=np.int64)
         del self._free[len(self._free) - len(tokens):]
         for token, s in zip(tokens, slots.tolist(), strict=True):
             self.slot[token] = s
             self.tokens[s] = token
             self.keys[s] = self._key(token)
+            self.shard[s] = self._shard(token)
         self.base[slots] = self.start[slots] = self.top
         self.cap[slots] = self.length[slots] = 0
         self.renewed[slots] = -np.inf

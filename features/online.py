@@ -1,25 +1,29 @@
 """Online feature state: the owned cards in worker memory, Redis the durable shared copy.
 
-Per micro-batch the store makes at most one read (one MULTI: new label-log entries, and only
-what is not cached yet) and one write (one atomic Lua call: card appends, one terminal
-chunk per event hour). Keys (each carries a hash tag per entity, but a batch's MULTI and
-script span many slots, so the store needs one Redis primary, not a Cluster: the CLI refuses
-a Cluster node at start):
+Per micro-batch the store makes at most one read (new label-log entries, and only what is
+not cached yet) and one write (one atomic Lua call per shard touched: card appends, one
+terminal chunk per event hour). The cards are spread over a fixed number of **shards**
+(``shards``, recorded per namespace), each one hash slot, so on Redis Cluster every shard's
+script touches one slot and the shards spread over the primaries; the label state shares
+one more slot, since its counters and log must change together. On one Redis primary the
+read is one MULTI; on a Cluster it is one MULTI on the label slot and one pipeline for the
+cards and buckets (routed per node). Keys (``S`` = the card's shard, ``crc32(token) %
+shards``):
 
-- ``{ns}:card92:{<token>}``: the card's recent events, ``CARD_RECORD`` each (92 bytes: the
-  window inputs, the transaction id's 64-bit hash, and the terminal and label counts the
-  event was scored with, so a redelivered event is recognised and gets its first features
-  back), appended each batch, rewritten when trimmed to 31 days;
-- ``{ns}:cl:{all}`` / ``{ns}:tl:{all}``: labels so far per card / terminal, one field per
-  name holding ``labels + frauds << 32`` (one HINCRBY per name and batch; one HMGET per
-  kind reads a batch's uncached names);
-- ``{ns}:tb:{<hour>}``: per event hour a list with one chunk per batch: its terminals and
-  their transaction counts, length-prefixed (any terminal id is safe),
-  and ``{ns}:tf:{<hour>}``: terminal → on-time frauds, for the delayed terminal windows;
-- ``{ns}:lab:{<hour>}``: transaction id → its first label (label redelivery);
-- ``{ns}:lablog:{log}`` / ``{ns}:labseq:{log}``: a capped stream with one entry per applied
-  label batch (sequence-numbered), which every worker tails to keep its cached label counts
-  and terminal buckets exact whichever worker applied the labels.
+- ``{ns}:card92:{<ns>.s<S>}:<token>``: the card's recent events, ``CARD_RECORD`` each (92
+  bytes: the window inputs, the transaction id's 64-bit hash, and the terminal and label
+  counts the event was scored with, so a redelivered event is recognised and gets its first
+  features back), appended each batch, rewritten when trimmed to 31 days;
+- ``{ns}:tb:{<ns>.s<S>}:<hour>``: per shard and event hour a list with one chunk per batch:
+  the terminals of that shard's events and their transaction counts, length-prefixed (any
+  terminal id is safe); a reader sums every shard's chunks;
+- label state, all in slot ``{<ns>.lab}``: ``{ns}:cl:…`` / ``{ns}:tl:…`` labels so far per
+  card / terminal, one field per name holding ``labels + frauds << 32``;
+  ``{ns}:tf:…:<hour>`` terminal → on-time frauds, for the delayed terminal windows;
+  ``{ns}:lab:…:<hour>`` transaction id → its first label (label redelivery);
+  ``{ns}:lablog:…`` / ``{ns}:labseq:…``: a capped stream with one entry per applied label
+  batch (sequence-numbered), which every worker tails to keep its cached label counts and
+  terminal buckets exact whichever worker applied the labels.
 
 After a rebalance the engine calls :meth:`RedisFeatureStore.invalidate` (the card cache is
 dropped; label caches are global and stay valid through the log). A worker that misses log
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -152,9 +157,10 @@ class EventBatch:
 
 @dataclass(frozen=True)
 class _PendingWrite:
-    conn: redis.Connection
-    keys: list[str]
-    args: list[bytes | int | str]
+    # per connection (one per Redis node written to): its pool, and the script calls sent
+    # on it, (keys, args) each, whose replies are not read yet
+    sends: list[tuple[redis.ConnectionPool, redis.Connection,
+                      list[tuple[list[str], list[bytes | int | str]]]]]
     cards: list[str]  # the batch's cards: dropped from the cache if the write fails
 
 
@@ -405,11 +411,16 @@ class RedisFeatureStore:
         cache_cards: int = 250_000,
         terminal_refresh_s: float = 300.0,
         cache_labels: int = 2_000_000,
+        shards: int = 1,
     ) -> None:
+        if shards < 1:
+            raise ValueError("shards must be at least 1")
         self._r = client
         self._ns = namespace
+        self._shards = shards
+        self._cluster = isinstance(client, redis.RedisCluster)
         # the owned cards' kept events, as in Redis; the least recently used are evicted
-        self._arena = CardArena(cache_cards, key=lambda card: f"{namespace}:{CARD_KIND}:{{{card}}}")
+        self._arena = CardArena(cache_cards, key=self._card_key, shard=self._shard_of)
         self._terminals = _TerminalWindows(terminal_refresh_s)
         self._card_labels = _Counters(cache_labels)
         self._term_labels = _TerminalCounters()
@@ -417,12 +428,38 @@ class RedisFeatureStore:
         self._log_seq = 0
         self._write_script = client.register_script(_WRITE_BATCH)
         self._pending: _PendingWrite | None = None  # a batch's write sent, reply not read
-        self._log_script = client.register_script(_LOG_LABELS)
 
     # ---- keys ---------------------------------------------------------------------------
 
     def _k(self, kind: str, tag: object) -> str:
         return f"{self._ns}:{kind}:{{{tag}}}"
+
+    def _shard_of(self, card: str) -> int:
+        return zlib.crc32(card.encode()) % self._shards if self._shards > 1 else 0
+
+    def _card_key(self, card: str) -> str:
+        return f"{self._ns}:{CARD_KIND}:{{{self._ns}.s{self._shard_of(card)}}}:{card}"
+
+    def _bucket_key(self, shard: int, hour: int) -> str:
+        return f"{self._ns}:tb:{{{self._ns}.s{shard}}}:{hour}"
+
+    def _lk(self, kind: str, part: object = None) -> str:
+        """A key of the label state: all in one slot, as they change together."""
+        key = f"{self._ns}:{kind}:{{{self._ns}.lab}}"
+        return key if part is None else f"{key}:{part}"
+
+    def check_shards(self) -> None:
+        """Record this namespace's shard count on first use; raise ValueError when it was
+        created with another (its cards would be looked for in the wrong slots)."""
+        key = self._lk("shards")
+        try:
+            self._r.set(key, self._shards, nx=True)
+            stored = int(self._r.get(key) or self._shards)
+        except redis.RedisError as exc:
+            raise FeatureStoreUnavailable(f"reading the shard count: {exc}") from exc
+        if stored != self._shards:
+            raise ValueError(f"namespace {self._ns!r} was created with {stored} shards, "
+                             f"not {self._shards}")
 
     def invalidate(self) -> None:
         """Forget cached card state (after a rebalance another worker may own the cards)."""
@@ -518,19 +555,26 @@ class RedisFeatureStore:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        conn = pending.conn
-        try:
+        failure: redis.RedisError | None = None
+        for pool, conn, calls in pending.sends:
             try:
-                conn.read_response()
-            except redis.exceptions.NoScriptError:  # Redis restarted: nothing was applied
-                self._write_script(keys=pending.keys, args=pending.args)
-        except redis.RedisError as exc:
-            if not isinstance(exc, redis.ResponseError):
-                conn.disconnect()
+                for keys, args in calls:
+                    try:
+                        conn.read_response()
+                    except redis.exceptions.NoScriptError:  # Redis restarted: not applied
+                        self._write_script(keys=keys, args=args)
+            except redis.RedisError as exc:
+                conn.disconnect()  # replies left unread on it must not reach the next user
+                failure = failure or exc
+            finally:
+                pool.release(conn)
+        if failure is not None:
             self._forget(pending.cards)
-            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        finally:
-            self._r.connection_pool.release(conn)
+            if self._cluster and isinstance(failure, (redis.exceptions.MovedError,
+                                                      redis.exceptions.AskError)):
+                with contextlib.suppress(redis.RedisError):
+                    self._r.nodes_manager.initialize()  # slots moved: route the retry anew
+            raise FeatureStoreUnavailable(f"writing feature state: {failure}") from failure
 
     def _forget(self, cards: Sequence[str]) -> None:
         """Drop what a write that may have failed put in the caches: reloaded on demand."""
@@ -538,40 +582,46 @@ class RedisFeatureStore:
         self._terminals.clear()
 
     def _sync(self, cards: list[str], terminals: np.ndarray, hours: np.ndarray) -> None:
-        """Bring the caches up to date in one MULTI: label-log entries since the last batch,
-        then whatever these events need that is not cached (cards, label counts, buckets)."""
+        """Bring the caches up to date: label-log entries since the last batch, then
+        whatever these events need that is not cached (cards, label counts, buckets). The
+        label part is read atomically (one MULTI on the label slot), so the counts and the
+        log position agree; cards and hour buckets need no such guarantee."""
         for _ in range(2):
             cached = self._arena.lookup(cards).tolist()
             missing = [c for c, slot in zip(cards, cached, strict=True) if slot < 0]
+            by_shard: dict[int, list[str]] = {}
+            for c in missing:
+                by_shard.setdefault(self._shard_of(c), []).append(c)
             miss_cl = self._card_labels.missing(cards)
             miss_tl = self._term_labels.missing(terminals).tolist()
             load_hours = self._terminals.hours_to_load(hours)
-            log, seq = self._k("lablog", "log"), self._k("labseq", "log")
+            names = self._terminals.names
+            labels: list[tuple[object, ...]] = [
+                ("XREVRANGE", self._lk("lablog"), "+", "-", "COUNT", 1),
+                ("GET", self._lk("labseq")),
+            ] if self._log_id is None else [
+                ("XRANGE", self._lk("lablog"), b"(" + self._log_id, "+", "COUNT", _LOG_READ)]
+            cl_groups = [miss_cl] if miss_cl else []
+            tl_groups = [[names[i] for i in miss_tl]] if miss_tl else []
+            # one hash per kind: 16 shard hashes cost a batch about 30 HMGETs
+            labels += [("HMGET", self._lk("cl"), *g) for g in cl_groups]
+            labels += [("HMGET", self._lk("tl"), *g) for g in tl_groups]
+            labels += [("HGETALL", self._lk("tf", h)) for h in load_hours]
+            data: list[tuple[object, ...]] = [
+                ("MGET", *[self._card_key(c) for c in group]) for group in by_shard.values()]
+            data += [("LRANGE", self._bucket_key(shard, h), 0, -1)
+                     for h in load_hours for shard in range(self._shards)]
             try:
-                pipe = self._r.pipeline(transaction=True)
-                if self._log_id is None:
-                    pipe.xrevrange(log, count=1)
-                    pipe.get(seq)
-                else:
-                    pipe.xrange(log, min=b"(" + self._log_id, count=_LOG_READ)
-                if missing:
-                    pipe.mget([self._k(CARD_KIND, c) for c in missing])
-                cl_groups = self._queue_counters(pipe, "cl", miss_cl)
-                tl_groups = self._queue_counters(pipe, "tl", [self._terminals.names[i]
-                                                              for i in miss_tl])
-                for h in load_hours:
-                    pipe.lrange(self._k("tb", h), 0, -1)
-                    pipe.hgetall(self._k("tf", h))
-                replies = pipe.execute()
+                replies, rest = self._read(labels, data)
             except redis.RedisError as exc:
                 raise FeatureStoreUnavailable(f"reading feature state: {exc}") from exc
             if self._log_id is None:
-                last, now_seq = replies[0], replies[1]
+                last, now_seq = _stream(replies[0]), replies[1]
                 self._log_id = last[0][0] if last else b"0-0"
                 self._log_seq = int(now_seq or 0)
                 k = 2
             else:
-                if not self._apply_log(replies[0]):
+                if not self._apply_log(_stream(replies[0])):
                     # missed entries (trimmed or too many): start the label caches afresh
                     self._card_labels.clear()
                     self._term_labels.clear()
@@ -579,9 +629,6 @@ class RedisFeatureStore:
                     self._log_id = None
                     continue
                 k = 1
-            if missing:
-                self._arena.load(missing, replies[k])
-                k += 1
             for members in cl_groups:
                 self._card_labels.put(members, replies[k])
                 k += 1
@@ -589,11 +636,35 @@ class RedisFeatureStore:
             for members in tl_groups:
                 self._term_labels.put([index[m] for m in members], replies[k])
                 k += 1
+            if by_shard:
+                self._arena.load([c for group in by_shard.values() for c in group],
+                                 [b for blobs in rest[:len(by_shard)] for b in blobs])
+            j = len(by_shard)
             for h in load_hours:
-                self._terminals.store(h, replies[k], replies[k + 1])
-                k += 2
+                chunks = [c for part in rest[j:j + self._shards] for c in part]
+                self._terminals.store(h, chunks, _as_dict(replies[k]))
+                j += self._shards
+                k += 1
             return
         raise FeatureStoreUnavailable("label log: entries keep going missing")
+
+    def _read(self, atomic: list[tuple[object, ...]], rest: list[tuple[object, ...]]
+              ) -> tuple[list, list]:
+        """Replies of the commands `atomic` and `rest`: one MULTI for both on one Redis; on
+        a Cluster a MULTI on `atomic`'s one slot, then `rest` routed per node. (Commands by
+        name: a cluster pipeline refuses its mget() method, though one slot's MGET is fine.)"""
+        pipe = self._r.pipeline(transaction=True)
+        for cmd in atomic if self._cluster else [*atomic, *rest]:
+            pipe.execute_command(*cmd)
+        replies = pipe.execute()
+        if not self._cluster:
+            return replies[:len(atomic)], replies[len(atomic):]
+        if not rest:
+            return replies, []
+        pipe = self._r.pipeline(transaction=False)
+        for cmd in rest:
+            pipe.execute_command(*cmd)
+        return replies, pipe.execute()
 
     def _apply_log(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> bool:
         """Apply label batches logged since the last read to the cached counts; False when
@@ -613,17 +684,6 @@ class RedisFeatureStore:
                 self._terminals.add_frauds(hours, [terms[i] for i in on_time])
             self._log_id, self._log_seq = entry_id, int(fields[b"seq"])
         return True
-
-    def _queue_counters(self, pipe: redis.client.Pipeline, kind: str, names: list[str]
-                        ) -> list[list[str]]:
-        """Queue one HMGET of `names`' counters (none when empty); returns the groups read.
-
-        One hash per kind: with 16 shard hashes a batch's uncached cards and terminals cost
-        about 30 HMGETs, each packed, queued and parsed in Python."""
-        if not names:
-            return []
-        pipe.hmget(self._k(kind, "all"), names)
-        return [names]
 
     def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_slot: np.ndarray,
                  tx: np.ndarray, term_idx: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -674,73 +734,102 @@ class RedisFeatureStore:
 
     def _write(self, fresh_slot: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
                cards: list[str]) -> None:
-        """Persist the fresh events and their terminal counts in one atomic script call:
-        per card, its new records appended (one buffer for all cards, split server-side);
-        about once a week the leading records that aged out dropped, and a card whose
-        cached order no longer matches Redis (a late event) replaced whole."""
+        """Persist the fresh events and their terminal counts, one atomic script call per
+        shard touched: per card, its new records appended (one buffer for the shard's
+        cards, split server-side); about once a week the leading records that aged out
+        dropped, and a card whose cached order no longer matches Redis (a late event)
+        replaced whole; per event hour, the terminal counts of the shard's events. The
+        calls are sent, one pipeline per Redis node, and their replies read by `flush`."""
         arena = self._arena
         size = CARD_RECORD.itemsize
-        order = np.lexsort((np.arange(len(new)), new["t_us"], fresh_slot))  # as inserted
+        row_shard = arena.shard[fresh_slot]
+        # as inserted, the cards of a shard together
+        order = np.lexsort((np.arange(len(new)), new["t_us"], fresh_slot, row_shard))
         rec = new[order]
-        touched, starts, n_new = np.unique(fresh_slot[order], return_index=True,
-                                           return_counts=True)
+        by_card = fresh_slot[order]
+        starts = np.flatnonzero(np.r_[True, by_card[1:] != by_card[:-1]])
+        touched = by_card[starts]
+        n_new = np.diff(np.r_[starts, len(rec)])
         newest = np.maximum.reduceat(rec["t_us"], starts)
         # trim once the oldest record is TRIM_SLACK_US past what the newest event needs:
         # a trim rewrites the card server-side, so do it about once a week, not per event
         horizon = newest - _KEEP_US
         trim = arena.oldest(touched) <= horizon - TRIM_SLACK_US
         special = trim | ~arena.ordered[touched]
-        append = touched[~special]
-        card_keys = arena.keys
-        keys = [card_keys[s] for s in append.tolist()]
         now = time.monotonic()
-        renew = now - arena.renewed[append] >= _RENEW_S
-        blob = rec[~np.repeat(special, n_new)].tobytes() if special.any() else rec.tobytes()
-        trim_keys: list[str] = []
-        trim_args: list[bytes | int] = []
-        for i in np.flatnonzero(special).tolist():  # rare: about one card in 7 days' events
-            slot = int(touched[i])
-            trim_keys.append(card_keys[slot])
-            cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
-            if arena.ordered[slot]:
-                trim_args += [cut * size, rec[starts[i]:starts[i] + n_new[i]].tobytes()]
-            else:
-                trim_args += [-1, arena.records(slot)]
-                arena.ordered[slot] = True
-        header = [np.where(renew, 49, 48).astype(np.uint8).tobytes(), len(keys), len(trim_keys),
-                  _CARD_TTL_MS, _BUCKET_TTL_S, blob,
-                  " ".join(map(str, (n_new[~special] * size).tolist()))]
-        keys += trim_keys
-        args: list[bytes | int | str] = trim_args  # type: ignore[assignment]
+        renew = (now - arena.renewed[touched] >= _RENEW_S) & ~special
+        card_keys = arena.keys
+        plain_rows = ~np.repeat(special, n_new)
+        card_shard = arena.shard[touched]
         hours = hours_of(new["t_us"])
         term_names = self._terminals.names
         written: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for h in np.unique(hours).tolist():
-            counts = np.bincount(term_idx[hours == h])
-            present = np.flatnonzero(counts)
-            written.append((h, present, counts[present]))
-            keys.append(self._k("tb", h))
-            args.append(_pack_counts([term_names[i] for i in present.tolist()],
-                                     counts[present]))
-        argv = [*header, *args]
-        pool = self._r.connection_pool
-        try:
-            conn = pool.get_connection()
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        try:
-            conn.send_command("EVALSHA", self._write_script.sha, len(keys), *keys, *argv)
-        except redis.RedisError as exc:
-            conn.disconnect()
-            pool.release(conn)
-            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
-        # Redis runs the script while the caller goes on (the caches are undone by flush
-        # on failure)
-        self._pending = _PendingWrite(conn, keys, argv, cards)
-        arena.renewed[append[renew]] = now
-        arena.renewed[touched[special]] = now
+        calls: list[tuple[list[str], list[bytes | int | str]]] = []
+        bounds = np.flatnonzero(np.r_[True, card_shard[1:] != card_shard[:-1], True])
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            shard = int(card_shard[a])
+            plain = np.arange(a, b)[~special[a:b]]
+            keys = [card_keys[s] for s in touched[plain].tolist()]
+            ra, rb = int(starts[a]), int(starts[b]) if b < len(starts) else len(rec)
+            rows = rec[ra:rb]
+            blob = rows[plain_rows[ra:rb]].tobytes() if special[a:b].any() else rows.tobytes()
+            trim_keys: list[str] = []
+            trim_args: list[bytes | int | str] = []
+            for i in (a + np.flatnonzero(special[a:b])).tolist():  # rare: a card a week
+                slot = int(touched[i])
+                trim_keys.append(card_keys[slot])
+                cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
+                if arena.ordered[slot]:
+                    trim_args += [cut * size, rec[starts[i]:starts[i] + n_new[i]].tobytes()]
+                else:
+                    trim_args += [-1, arena.records(slot)]
+                    arena.ordered[slot] = True
+            args: list[bytes | int | str] = [
+                np.where(renew[plain], 49, 48).astype(np.uint8).tobytes(), len(keys),
+                len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S, blob,
+                " ".join(map(str, (n_new[plain] * size).tolist())), *trim_args]
+            keys += trim_keys
+            mine = row_shard == shard
+            for h in np.unique(hours[mine]).tolist():
+                counts = np.bincount(term_idx[mine & (hours == h)])
+                present = np.flatnonzero(counts)
+                written.append((h, present, counts[present]))
+                keys.append(self._bucket_key(shard, h))
+                args.append(_pack_counts([term_names[i] for i in present.tolist()],
+                                         counts[present]))
+            calls.append((keys, args))
+        self._pending = _PendingWrite(self._send(calls), cards)
+        # Redis runs the scripts while the caller goes on (flush undoes the caches on
+        # failure)
+        arena.renewed[touched[renew | special]] = now
         for hour, idx, counts in written:
             self._terminals.add_counts(hour, idx, counts)
+
+    def _send(self, calls: list[tuple[list[str], list[bytes | int | str]]]
+              ) -> list[tuple[redis.ConnectionPool, redis.Connection,
+                              list[tuple[list[str], list[bytes | int | str]]]]]:
+        """Send the write script `calls` without waiting for their replies: on one Redis
+        all on one connection, on a Cluster one connection per node (the node owning the
+        call's slot)."""
+        by_pool: dict[int, tuple[redis.ConnectionPool, list]] = {}
+        for keys, args in calls:
+            pool = (self._r.get_node_from_key(keys[0]).redis_connection.connection_pool
+                    if self._cluster else self._r.connection_pool)
+            by_pool.setdefault(id(pool), (pool, []))[1].append((keys, args))
+        sends = []
+        sha = self._write_script.sha
+        try:
+            for pool, mine in by_pool.values():
+                conn = pool.get_connection()
+                sends.append((pool, conn, mine))
+                conn.send_packed_command(conn.pack_commands(
+                    [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in mine]))
+        except redis.RedisError as exc:
+            for pool, conn, _ in sends:
+                conn.disconnect()
+                pool.release(conn)
+            raise FeatureStoreUnavailable(f"writing feature state: {exc}") from exc
+        return sends
 
     def _features_of_stored(self, pos: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """The features stored events got when they were new: card windows recomputed over
@@ -777,7 +866,7 @@ class RedisFeatureStore:
         try:
             pipe = self._r.pipeline(transaction=False)
             for h, rows in groups.items():
-                pipe.hmget(self._k("lab", h), [tx_ids[i] for i in rows])
+                pipe.hmget(self._lk("lab", h), [tx_ids[i] for i in rows])
             known = pipe.execute()
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"reading labels: {exc}") from exc
@@ -799,7 +888,7 @@ class RedisFeatureStore:
             pipe = self._r.pipeline(transaction=True)
             for h in np.unique(hours[apply]).tolist():
                 rows = apply[hours[apply] == h]
-                key = self._k("lab", h)
+                key = self._lk("lab", h)
                 pipe.hset(key, mapping={tx_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
                 pipe.expire(key, _LABEL_TTL_S)
             self._incr_counters(pipe, "cl", cards, fraud)
@@ -809,14 +898,15 @@ class RedisFeatureStore:
                                [terms[i] for i in np.flatnonzero(on_time)], strict=True):
                 pairs[(h, term)] = pairs.get((h, term), 0) + 1
             for (h, term), c in pairs.items():
-                pipe.hincrby(self._k("tf", h), term, c)
+                pipe.hincrby(self._lk("tf", h), term, c)
             for h in {h for h, _ in pairs}:
-                pipe.expire(self._k("tf", h), _BUCKET_TTL_S)
+                pipe.expire(self._lk("tf", h), _BUCKET_TTL_S)
             flag = fraud.astype(np.int8) + on_time.astype(np.int8)  # 0, 1 fraud, 2 on time
-            self._log_script(keys=[self._k("lablog", "log"), self._k("labseq", "log")],
-                             args=[_LOG_MAXLEN, _pack_names(cards), _pack_names(terms),
-                                   flag.tobytes(), hours[apply].astype("<i8").tobytes()],
-                             client=pipe)
+            # EVAL, not EVALSHA: a script missing after a restart would fail alone inside the
+            # MULTI while the counters above were applied
+            pipe.execute_command("EVAL", _LOG_LABELS, 2, self._lk("lablog"), self._lk("labseq"),
+                                 _LOG_MAXLEN, _pack_names(cards), _pack_names(terms),
+                                 flag.tobytes(), hours[apply].astype("<i8").tobytes())
             pipe.execute()
         except redis.RedisError as exc:
             raise FeatureStoreUnavailable(f"writing labels: {exc}") from exc
@@ -829,7 +919,7 @@ class RedisFeatureStore:
         for name, f in zip(names, fraud.tolist(), strict=True):
             totals[name] = totals.get(name, 0) + 1 + (int(f) << 32)
         for name, v in totals.items():
-            pipe.hincrby(self._k(kind, "all"), name, v)
+            pipe.hincrby(self._lk(kind), name, v)
 
     # ---- bootstrap ----------------------------------------------------------------------
 
@@ -862,7 +952,7 @@ class RedisFeatureStore:
         card_ttl_ms = int((_KEEP_US + DAY_US) // 1000)
         pipe = self._r.pipeline(transaction=False)
         for name, a, b in zip(names.tolist(), starts, ends, strict=True):
-            pipe.set(self._k(CARD_KIND, name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
+            pipe.set(self._card_key(name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
             if len(pipe) >= chunk:
                 pipe.execute()
         hours = hours_of(t_us)
@@ -876,9 +966,9 @@ class RedisFeatureStore:
             h, term = pair.split("|", 1)
             by_hour.setdefault(h, {})[term] = c
         for h, mapping in by_hour.items():
-            pipe.rpush(self._k("tb", int(h)),
-                       _pack_counts(list(mapping), np.fromiter(mapping.values(), np.int64)))
-            pipe.expire(self._k("tb", int(h)), _BUCKET_TTL_S)
+            key = self._bucket_key(int(h) % self._shards, int(h))  # any shard's list will do
+            pipe.rpush(key, _pack_counts(list(mapping), np.fromiter(mapping.values(), np.int64)))
+            pipe.expire(key, _BUCKET_TTL_S)
             if len(pipe) >= chunk:
                 pipe.execute()
         pipe.execute()
@@ -901,9 +991,9 @@ class RedisFeatureStore:
         pipe = self._r.pipeline(transaction=False)
         for h in np.unique(hours):
             rows = pick[hours == h]
-            pipe.hset(self._k("lab", int(h)), mapping={
+            pipe.hset(self._lk("lab", int(h)), mapping={
                 labels.transaction_ids[i]: int(bool(labels.is_fraud[i])) for i in rows})
-            pipe.expire(self._k("lab", int(h)), _LABEL_TTL_S)
+            pipe.expire(self._lk("lab", int(h)), _LABEL_TTL_S)
         for kind, owners in (("cl", labels.cards), ("tl", labels.terminals)):
             self._incr_counters(pipe, kind, [owners[i] for i in pick.tolist()], fraud)
         on_time = labels.is_fraud[pick] & (
@@ -912,10 +1002,20 @@ class RedisFeatureStore:
             rows = pick[on_time & (hours == h)]
             terms, c = np.unique(np.asarray(labels.terminals, dtype=object)[rows].astype(str),
                                  return_counts=True)
-            pipe.hset(self._k("tf", int(h)), mapping=dict(zip(terms.tolist(), c.tolist(),
-                                                              strict=True)))
-            pipe.expire(self._k("tf", int(h)), _BUCKET_TTL_S)
+            pipe.hset(self._lk("tf", int(h)), mapping=dict(zip(terms.tolist(), c.tolist(),
+                                                               strict=True)))
+            pipe.expire(self._lk("tf", int(h)), _BUCKET_TTL_S)
         pipe.execute()
+
+
+def _as_dict(reply: dict[bytes, bytes] | list[bytes]) -> dict[bytes, bytes]:
+    """A hash reply as a dict (a cluster pipeline's MULTI leaves it a flat list)."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+def _stream(reply: list) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Stream entries with their fields as dicts (a cluster pipeline's MULTI leaves lists)."""
+    return [(entry_id, _as_dict(fields)) for entry_id, fields in reply]
 
 
 def _check(batch: EventBatch) -> None:

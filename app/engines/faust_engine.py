@@ -354,7 +354,7 @@ def serve(model: Path | None, worker_id: int, stop: threading.Event | None = Non
             signal.signal(sig, lambda *_: stop.set())  # type: ignore[union-attr]
     ref = factory.model_ref(settings, model)
     token_key, pii_key = factory.keys_from_settings(settings)
-    client = factory.redis_client(settings.redis_url)
+    client = factory.redis_client(settings.redis_url, settings.redis_cluster)
     scorer = factory.build_scorer(settings, client, ref, token_key, pii_key,
                                   follow=factory.model_source(settings, model),
                                   worker_id=worker_id)

@@ -36,14 +36,23 @@ from features.windows import CARD_COLUMNS
 StoreFactory = Callable[..., RedisFeatureStore]
 
 
-@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.integration)])
+@pytest.fixture(params=["fakeredis", "fakeredis-3-shards",
+                        pytest.param("redis", marks=pytest.mark.integration),
+                        pytest.param("cluster-5-shards", marks=pytest.mark.integration)])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
-    if request.param == "fakeredis":
+    """Every implementation: the embedded default, real Redis, a real Redis Cluster (three
+    primaries), with one shard and with several (cards spread over hash slots)."""
+    shards = int(request.param.split("-")[1]) if "shards" in request.param else 1
+    if request.param.startswith("fakeredis"):
         server = fakeredis.FakeServer()
-        return lambda **kw: RedisFeatureStore(fakeredis.FakeRedis(server=server), **kw)
-    client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
+        return lambda **kw: RedisFeatureStore(fakeredis.FakeRedis(server=server),
+                                              **{"shards": shards, **kw})
+    client = (redis.RedisCluster.from_url(request.getfixturevalue("redis_cluster_url"))
+              if request.param.startswith("cluster")
+              else redis.Redis.from_url(request.getfixturevalue("redis_url")))
     namespace = f"t-{uuid.uuid4().hex[:8]}"
-    return lambda **kw: RedisFeatureStore(client, **{"namespace": namespace, **kw})
+    return lambda **kw: RedisFeatureStore(client, **{"namespace": namespace,
+                                                     "shards": shards, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +149,7 @@ def test_corrupt_state_is_treated_as_empty(make_store: StoreFactory, data) -> No
     tx, _ = data
     store = make_store()
     card = tx["customer_id"].iloc[0]
-    store._r.set(store._k(CARD_KIND, card), b"not whole records")
+    store._r.set(store._card_key(card), b"not whole records")
     out = stream(store, tx.iloc[[0]].reset_index(drop=True), None, 1)
     assert out[0, INDEX["card_count_1d"]] == 1.0
 
@@ -201,7 +210,7 @@ def test_parity_holds_when_cards_are_reread_every_batch(make_store: StoreFactory
     assert np.array_equal(online, compute_features(tx, labels).to_numpy())
     card = tx["customer_id"].iloc[-1]
     cached = bytes(store._arena.records_of(card))
-    assert store._r.get(store._k(CARD_KIND, card)) == cached
+    assert store._r.get(store._card_key(card)) == cached
     # 40 days streamed: the oldest days were trimmed away, in Redis too
     first = np.frombuffer(cached, dtype=CARD_RECORD)["t_us"][0]
     assert first > int(events_from_frame(tx).t_us.min())
@@ -221,12 +230,13 @@ def test_terminal_ids_with_separators_read_back_exactly(data) -> None:
     assert np.array_equal(online, compute_features(tx).to_numpy())
 
 
-def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.MonkeyPatch
-                                                    ) -> None:
+@pytest.mark.parametrize("shards", [1, 3])
+def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.MonkeyPatch,
+                                                    shards: int) -> None:
     """A deferred write applied but whose reply is lost: flush reports the store unavailable
     and drops what the write touched; the batch sent again gets its first features back."""
     tx, _ = data
-    store = RedisFeatureStore(fakeredis.FakeRedis())
+    store = RedisFeatureStore(fakeredis.FakeRedis(), shards=shards)
     ev = events_from_frame(tx)
     head, batch = take_events(ev, np.arange(2000)), take_events(ev, np.arange(2000, 2400))
     store.update_many(head)
@@ -236,7 +246,8 @@ def test_lost_write_reply_then_redelivery_is_exact(data, monkeypatch: pytest.Mon
     def lost() -> None:
         raise redis.ConnectionError("connection reset")
 
-    monkeypatch.setattr(store._pending.conn, "read_response", lost)
+    assert sum(len(calls) for _, _, calls in store._pending.sends) == shards
+    monkeypatch.setattr(store._pending.sends[0][1], "read_response", lost)
     with pytest.raises(FeatureStoreUnavailable, match="connection reset"):
         store.flush()
     monkeypatch.undo()  # the pooled connection reconnects
@@ -295,7 +306,7 @@ def test_every_state_key_expires(make_store: StoreFactory, data) -> None:
     for key in store._r.scan_iter(match=f"{store._ns}:*"):
         kind = key.decode().split(":")[1]
         kinds[kind] = kinds.get(kind, 0) + 1
-        if kind not in ("lablog", "labseq", "cl", "tl"):
+        if kind not in ("lablog", "labseq", "cl", "tl", "shards"):
             assert store._r.ttl(key) > 0, key
     assert {CARD_KIND, "tb", "lab"} <= set(kinds), kinds
 
@@ -335,7 +346,7 @@ def test_late_events_are_inserted_in_time_order(make_store: StoreFactory, data) 
         cached = [c for c in np.unique(cards[late]) if store._arena.records_of(c) is not None]
         assert cached
         for card in cached:
-            assert store._r.get(store._k(CARD_KIND, card)) == store._arena.records_of(card)
+            assert store._r.get(store._card_key(card)) == store._arena.records_of(card)
     assert np.array_equal(outputs[0], outputs[1])
     # each late event against the offline computation over what had arrived before it
     columns = [INDEX[c] for c in CARD_COLUMNS]

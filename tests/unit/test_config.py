@@ -76,7 +76,7 @@ def test_secrets_are_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:notaport/0", "redis://[::1:6379/0"])
 def test_a_redis_url_that_cannot_be_parsed_names_the_setting(url: str) -> None:
-    from app.factory import refuse_cluster
+    from app.factory import redis_client
 
     with pytest.raises(ConfigError, match="FRAUDSCORE_REDIS_URL"):
-        refuse_cluster(url)
+        redis_client(url)
