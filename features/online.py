@@ -33,6 +33,7 @@ entries (a gap in the sequence) drops its label caches and reloads what it needs
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import zlib
 from collections.abc import Sequence
@@ -759,51 +760,73 @@ class RedisFeatureStore:
         now = time.monotonic()
         renew = (now - arena.renewed[touched] >= _RENEW_S) & ~special
         card_keys = arena.keys
-        plain_rows = ~np.repeat(special, n_new)
         card_shard = arena.shard[touched]
+        renew_flag = np.where(renew, 49, 48).astype(np.uint8)
+        n_bytes = (n_new * size).tolist()
+        row_end = np.r_[starts[1:], len(rec)]
+        # the terminal counts per (shard, event hour, terminal), sorted in that order
         hours = hours_of(new["t_us"])
+        hour_list, hour_of = np.unique(hours, return_inverse=True)
+        n_terms = len(self._terminals.names)
+        combo, combo_n = np.unique(
+            (row_shard * len(hour_list) + hour_of.reshape(-1)) * n_terms + term_idx,
+            return_counts=True)
+        combo_group = combo // n_terms  # shard * hours + hour index
+        group_at = np.flatnonzero(np.r_[True, combo_group[1:] != combo_group[:-1], True])
+        combo_term = (combo % n_terms).tolist()
         term_names = self._terminals.names
-        written: list[tuple[int, np.ndarray, np.ndarray]] = []
+        groups = combo_group[group_at[:-1]].tolist()
+        g = 0
         calls: list[tuple[list[str], list[bytes | int | str]]] = []
-        bounds = np.flatnonzero(np.r_[True, card_shard[1:] != card_shard[:-1], True])
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        bounds = np.flatnonzero(np.r_[True, card_shard[1:] != card_shard[:-1], True]).tolist()
+        for a, b in itertools.pairwise(bounds):
             shard = int(card_shard[a])
-            plain = np.arange(a, b)[~special[a:b]]
-            keys = [card_keys[s] for s in touched[plain].tolist()]
-            ra, rb = int(starts[a]), int(starts[b]) if b < len(starts) else len(rec)
-            rows = rec[ra:rb]
-            blob = rows[plain_rows[ra:rb]].tobytes() if special[a:b].any() else rows.tobytes()
+            ra, rb = int(starts[a]), int(row_end[b - 1])
+            plain = range(a, b)
             trim_keys: list[str] = []
             trim_args: list[bytes | int | str] = []
-            for i in (a + np.flatnonzero(special[a:b])).tolist():  # rare: a card a week
-                slot = int(touched[i])
-                trim_keys.append(card_keys[slot])
-                cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
-                if arena.ordered[slot]:
-                    trim_args += [cut * size, rec[starts[i]:starts[i] + n_new[i]].tobytes()]
-                else:
-                    trim_args += [-1, arena.records(slot)]
-                    arena.ordered[slot] = True
+            if special[a:b].any():  # rare: a card a week
+                plain = [i for i in plain if not special[i]]
+                rows = np.concatenate([np.arange(starts[i], row_end[i]) for i in plain]
+                                      or [np.zeros(0, dtype=np.int64)])
+                blob = rec[rows].tobytes()
+                renew_bytes = renew_flag[plain].tobytes()
+                for i in range(a, b):
+                    if not special[i]:
+                        continue
+                    slot = int(touched[i])
+                    trim_keys.append(card_keys[slot])
+                    cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
+                    if arena.ordered[slot]:
+                        trim_args += [cut * size, rec[starts[i]:row_end[i]].tobytes()]
+                    else:
+                        trim_args += [-1, arena.records(slot)]
+                        arena.ordered[slot] = True
+            else:
+                blob = rec[ra:rb].tobytes()
+                renew_bytes = renew_flag[a:b].tobytes()
+            slots = touched.tolist() if b - a == len(touched) else touched[a:b].tolist()
+            keys = ([card_keys[s] for s in slots] if isinstance(plain, range)
+                    else [card_keys[int(touched[i])] for i in plain])
             args: list[bytes | int | str] = [
-                np.where(renew[plain], 49, 48).astype(np.uint8).tobytes(), len(keys),
-                len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S, blob,
-                " ".join(map(str, (n_new[plain] * size).tolist())), *trim_args]
+                renew_bytes, len(keys), len(trim_keys), _CARD_TTL_MS, _BUCKET_TTL_S, blob,
+                " ".join([str(n_bytes[i]) for i in plain]), *trim_args]
             keys += trim_keys
-            mine = row_shard == shard
-            for h in np.unique(hours[mine]).tolist():
-                counts = np.bincount(term_idx[mine & (hours == h)])
-                present = np.flatnonzero(counts)
-                written.append((h, present, counts[present]))
-                keys.append(self._bucket_key(shard, h))
-                args.append(_pack_counts([term_names[i] for i in present.tolist()],
-                                         counts[present]))
+            while g < len(groups) and groups[g] // len(hour_list) == shard:
+                lo, hi = group_at[g], group_at[g + 1]
+                keys.append(self._bucket_key(shard, int(hour_list[groups[g] % len(hour_list)])))
+                args.append(_pack_counts([term_names[t] for t in combo_term[lo:hi]],
+                                         combo_n[lo:hi]))
+                g += 1
             calls.append((keys, args))
         self._pending = _PendingWrite(self._send(calls), cards)
         # Redis runs the scripts while the caller goes on (flush undoes the caches on
         # failure)
         arena.renewed[touched[renew | special]] = now
-        for hour, idx, counts in written:
-            self._terminals.add_counts(hour, idx, counts)
+        for j, h in enumerate(hour_list.tolist()):
+            counts = np.bincount(term_idx[hour_of.reshape(-1) == j])
+            present = np.flatnonzero(counts)
+            self._terminals.add_counts(h, present, counts[present])
 
     def _send(self, calls: list[tuple[list[str], list[bytes | int | str]]]
               ) -> list[tuple[redis.ConnectionPool, redis.Connection,
