@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,3 +88,25 @@ def consume_all(
 
 def values(messages: list[Message]) -> list[dict[str, object]]:
     return [json.loads(m.value()) for m in messages]
+
+
+def scorer_run(kafka_bootstrap: str, redis_url: str, unique: Callable[[str], str],
+               model: ModelRef, keys_env: dict[str, str]
+               ) -> tuple[dict[str, str], dict[str, str], str]:
+    """One `fraudscore run`'s fresh topics (created), Redis namespace and group: its
+    environment, the topics by role, and the namespace."""
+    topics = {name: unique(name) for name in
+              ("transactions", "labels", "alerts", "scores", "dlq", "audit")}
+    create_topics(kafka_bootstrap, list(topics.values()))
+    namespace = unique("fs")
+    env = {
+        **os.environ, **keys_env,
+        "FRAUDSCORE_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "FRAUDSCORE_REDIS_URL": redis_url,
+        "FRAUDSCORE_REDIS_NAMESPACE": namespace,
+        "FRAUDSCORE_GROUP_ID": unique("scorer"),
+        "FRAUDSCORE_MODEL_DIR": str(model.path),
+        "FRAUDSCORE_METRICS_PORT": "0",
+        **{f"FRAUDSCORE_TOPIC_{role.upper()}": topic for role, topic in topics.items()},
+    }
+    return env, topics, namespace

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import random
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from app.security.envelope import FieldCipher, associated_data
 from app.security.redact import open_dead_letter
 from app.sources import transactions_to_json
 from models.registry import ModelRef
-from tests.integration.conftest import consume_all, create_topics, produce
+from tests.integration.conftest import consume_all, produce, scorer_run
 
 pytestmark = pytest.mark.integration
 
@@ -108,25 +107,7 @@ def test_every_event_ends_exactly_once_as_score_or_dead_letter(
     for b in bad:
         items.insert(rng.randrange(len(items)), (b"bad", b))
 
-    topics = {name: unique(name) for name in
-              ("transactions", "labels", "alerts", "scores", "dlq", "audit")}
-    create_topics(kafka_bootstrap, list(topics.values()))
-    namespace = unique("fs")
-    env = {
-        **os.environ, **keys_env,
-        "FRAUDSCORE_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "FRAUDSCORE_REDIS_URL": redis_url,
-        "FRAUDSCORE_REDIS_NAMESPACE": namespace,
-        "FRAUDSCORE_GROUP_ID": unique("scorer"),
-        "FRAUDSCORE_MODEL_DIR": str(model.path),
-        "FRAUDSCORE_TOPIC_TRANSACTIONS": topics["transactions"],
-        "FRAUDSCORE_TOPIC_LABELS": topics["labels"],
-        "FRAUDSCORE_TOPIC_ALERTS": topics["alerts"],
-        "FRAUDSCORE_TOPIC_SCORES": topics["scores"],
-        "FRAUDSCORE_TOPIC_DLQ": topics["dlq"],
-        "FRAUDSCORE_TOPIC_AUDIT": topics["audit"],
-        "FRAUDSCORE_METRICS_PORT": "0",
-    }
+    env, topics, namespace = scorer_run(kafka_bootstrap, redis_url, unique, model, keys_env)
     produce(kafka_bootstrap, topics["transactions"], items)
 
     log_path = tmp_path / "scorer.log"

@@ -5,7 +5,6 @@ checked against offline by the conformance suite (`tests/conformance`)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from app.schemas import ScoreRecord
 from app.sources import transactions_to_json
 from features.card_arena import CARD_KIND
 from models.registry import ModelRef
-from tests.integration.conftest import consume_all, create_topics, produce
+from tests.integration.conftest import consume_all, produce, scorer_run
 
 pytestmark = pytest.mark.integration
 
@@ -70,21 +69,9 @@ def test_confluent_engine_on_a_cluster_scores_every_event_once(
     tx = simulated[0].iloc[:4000]
     items = [(c.encode(), v) for c, v in zip(tx["customer_id"], transactions_to_json(tx),
                                               strict=True)]
-    topics = {name: unique(name) for name in
-              ("transactions", "labels", "alerts", "scores", "dlq", "audit")}
-    create_topics(kafka_bootstrap, list(topics.values()))
-    namespace = unique("fs")
-    env = {
-        **os.environ, **keys_env,
-        "FRAUDSCORE_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "FRAUDSCORE_REDIS_URL": redis_cluster_url,
-        "FRAUDSCORE_REDIS_NAMESPACE": namespace,
-        "FRAUDSCORE_GROUP_ID": unique("scorer"),
-        "FRAUDSCORE_MODEL_DIR": str(model.path),
-        "FRAUDSCORE_METRICS_PORT": "0",
-        "FRAUDSCORE_BATCH_SIZE": "300",
-        **{f"FRAUDSCORE_TOPIC_{k.upper()}": v for k, v in topics.items()},
-    }
+    env, topics, namespace = scorer_run(kafka_bootstrap, redis_cluster_url, unique, model,
+                                        keys_env)
+    env["FRAUDSCORE_BATCH_SIZE"] = "300"
     produce(kafka_bootstrap, topics["transactions"], items)
     log_path = tmp_path / "scorer.log"
     with log_path.open("wb") as log:
