@@ -50,6 +50,9 @@ def test_librdkafka_settings_pass_through(monkeypatch: pytest.MonkeyPatch) -> No
         ("FRAUDSCORE_KAFKA_CONFIG", '{"transactional.id": "x"}', "FRAUDSCORE_KAFKA_CONFIG"),
         ("FRAUDSCORE_REVIEW_THRESHOLD", "1.5", "FRAUDSCORE_REVIEW_THRESHOLD"),
         ("FRAUDSCORE_LOG_LEVEL", "LOUD", "FRAUDSCORE_LOG_LEVEL"),
+        ("FRAUDSCORE_REDIS_SHARDS", "0", "FRAUDSCORE_REDIS_SHARDS"),
+        ("FRAUDSCORE_REDIS_SHARDS", "100000", "FRAUDSCORE_REDIS_SHARDS"),
+        ("FRAUDSCORE_REDIS_CLUSTER", "maybe", "FRAUDSCORE_REDIS_CLUSTER"),
     ],
 )
 def test_invalid_settings_name_the_variable(
