@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from features.card_arena import CARD_KIND, CARD_RECORD, CardArena
+from features.card_arena import CARD_KIND, CARD_RECORD, CardArena, take_records
 from features.definitions import (
     CARD_LOOKBACK_US,
     DAY_US,
@@ -536,9 +536,16 @@ class RedisFeatureStore:
             out[again] = self._features_of_stored(seen_at[again], row_slot[again])
         fresh = np.flatnonzero(new)
         if fresh.size:
+            fresh_slot = row_slot[fresh]
             try:
-                records = self._compute(batch, fresh, row_slot[fresh], tx[fresh], term_idx, out)
-                self._write(row_slot[fresh], records, term_idx[fresh], cards)
+                records, pos, res = self._compute(batch, fresh, fresh_slot, tx[fresh], term_idx)
+                trims = self._write(fresh_slot, records, term_idx[fresh], cards)
+                # Redis runs the write while the card windows are computed; aged-out
+                # records leave the cache after that, as a long batch's oldest events
+                # may still need them
+                arena.features(pos, fresh_slot, res)
+                out[fresh] = res
+                arena.drop_head(*trims)
             except BaseException:
                 self._forget(cards)  # the cache may hold what Redis does not: reload them
                 raise
@@ -687,9 +694,10 @@ class RedisFeatureStore:
         return True
 
     def _compute(self, batch: EventBatch, fresh: np.ndarray, fresh_slot: np.ndarray,
-                 tx: np.ndarray, term_idx: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Features of the fresh rows into `out`, their records added to the card cache;
-        returns the records."""
+                 tx: np.ndarray, term_idx: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fresh rows' records, added to the card cache, their arena positions and
+        their features but the card windows (read from the cache by the caller)."""
         t_us = batch.t_us[fresh]
         amount = batch.amount[fresh]
         res = np.zeros((len(fresh), N_FEATURES), dtype=np.float64)
@@ -727,26 +735,25 @@ class RedisFeatureStore:
             [counts[d] for d in TERMINAL_WINDOWS_DAYS] + [frauds[d] for d in TERMINAL_WINDOWS_DAYS]
             + [card_n, card_f, term_n, term_f])
 
-        # card windows: the new events join their cards' histories, then each reads its own
-        pos = self._arena.insert(fresh_slot, new)
-        self._arena.features(pos, fresh_slot, res)
-        out[fresh] = res
-        return new
+        # the new events join their cards' histories, in which each reads its card windows
+        return new, self._arena.insert(fresh_slot, new), res
 
     def _write(self, fresh_slot: np.ndarray, new: np.ndarray, term_idx: np.ndarray,
-               cards: list[str]) -> None:
+               cards: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Persist the fresh events and their terminal counts, one atomic script call per
         shard touched: per card, its new records appended (one buffer for the shard's
         cards, split server-side); about once a week the leading records that aged out
         dropped, and a card whose cached order no longer matches Redis (a late event)
         replaced whole; per event hour, the terminal counts of the shard's events. The
-        calls are sent, one pipeline per Redis node, and their replies read by `flush`."""
+        calls are sent, one pipeline per Redis node, and their replies read by `flush`.
+        Returns the cards to trim in the cache and how many leading records each drops
+        (left to the caller: the batch's card windows may still read them)."""
         arena = self._arena
         size = CARD_RECORD.itemsize
         row_shard = arena.shard[fresh_slot]
         # as inserted, the cards of a shard together
         order = np.lexsort((np.arange(len(new)), new["t_us"], fresh_slot, row_shard))
-        rec = new[order]
+        rec = take_records(new, order)
         by_card = fresh_slot[order]
         starts = np.flatnonzero(np.r_[True, by_card[1:] != by_card[:-1]])
         touched = by_card[starts]
@@ -777,6 +784,8 @@ class RedisFeatureStore:
         term_names = self._terminals.names
         groups = combo_group[group_at[:-1]].tolist()
         g = 0
+        trimmed: list[int] = []
+        cuts: list[int] = []
         calls: list[tuple[list[str], list[bytes | int | str]]] = []
         bounds = np.flatnonzero(np.r_[True, card_shard[1:] != card_shard[:-1], True]).tolist()
         for a, b in itertools.pairwise(bounds):
@@ -789,18 +798,21 @@ class RedisFeatureStore:
                 plain = [i for i in plain if not special[i]]
                 rows = np.concatenate([np.arange(starts[i], row_end[i]) for i in plain]
                                       or [np.zeros(0, dtype=np.int64)])
-                blob = rec[rows].tobytes()
+                blob = take_records(rec, rows).tobytes()
                 renew_bytes = renew_flag[plain].tobytes()
                 for i in range(a, b):
                     if not special[i]:
                         continue
                     slot = int(touched[i])
                     trim_keys.append(card_keys[slot])
-                    cut = arena.trim(slot, int(horizon[i])) if trim[i] else 0
+                    cut = arena.head_through(slot, int(horizon[i])) if trim[i] else 0
+                    if cut:
+                        trimmed.append(slot)
+                        cuts.append(cut)
                     if arena.ordered[slot]:
                         trim_args += [cut * size, rec[starts[i]:row_end[i]].tobytes()]
                     else:
-                        trim_args += [-1, arena.records(slot)]
+                        trim_args += [-1, arena.records(slot, skip=cut)]
                         arena.ordered[slot] = True
             else:
                 blob = rec[ra:rb].tobytes()
@@ -827,6 +839,7 @@ class RedisFeatureStore:
             counts = np.bincount(term_idx[hour_of.reshape(-1) == j])
             present = np.flatnonzero(counts)
             self._terminals.add_counts(h, present, counts[present])
+        return np.array(trimmed, dtype=np.int64), np.array(cuts, dtype=np.int64)
 
     def _send(self, calls: list[tuple[list[str], list[bytes | int | str]]]
               ) -> list[tuple[redis.ConnectionPool, redis.Connection,
@@ -857,7 +870,7 @@ class RedisFeatureStore:
     def _features_of_stored(self, pos: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """The features stored events got when they were new: card windows recomputed over
         the history before them (exact), terminal and label parts from the recorded counts."""
-        rec = self._arena.rec[pos]
+        rec = take_records(self._arena.rec, pos)
         res = np.zeros((len(pos), N_FEATURES), dtype=np.float64)
         transaction_features(rec["t_us"], rec["amount"], res)
         self._arena.features(pos, slots, res)
@@ -975,7 +988,7 @@ class RedisFeatureStore:
         card_ttl_ms = int((_KEEP_US + DAY_US) // 1000)
         pipe = self._r.pipeline(transaction=False)
         for name, a, b in zip(names.tolist(), starts, ends, strict=True):
-            pipe.set(self._card_key(name), rec[order[a:b]].tobytes(), px=card_ttl_ms)
+            pipe.set(self._card_key(name), take_records(rec, order[a:b]).tobytes(), px=card_ttl_ms)
             if len(pipe) >= chunk:
                 pipe.execute()
         hours = hours_of(t_us)
