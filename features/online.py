@@ -273,14 +273,16 @@ class _TerminalWindows:
 
     def idx(self, terminals: Sequence[str]) -> np.ndarray:
         index = self.index
-        found = list(map(index.get, terminals))
-        if None in found:
+        found = np.fromiter(map(index.get, terminals, itertools.repeat(-1)), dtype=np.int64,
+                            count=len(terminals))
+        if (found < 0).any():
             new = [t for t in dict.fromkeys(terminals) if t not in index]
             index.update(zip(new, range(len(self.names), len(self.names) + len(new)),
                              strict=True))
             self.names.extend(new)
-            found = list(map(index.__getitem__, terminals))
-        return np.array(found, dtype=np.int64)
+            found = np.fromiter(map(index.__getitem__, terminals), dtype=np.int64,
+                                count=len(terminals))
+        return found
 
     def clear(self) -> None:
         self.buckets.clear()
@@ -373,8 +375,13 @@ class _TerminalWindows:
         if part is None:
             return
         idx, bc, bf = part
-        c += sign * np.bincount(idx, weights=bc, minlength=len(c)).astype(np.int64)[: len(c)]
-        f += sign * np.bincount(idx, weights=bf, minlength=len(f)).astype(np.int64)[: len(f)]
+        inside = idx < len(c)
+        if not inside.all():
+            idx, bc, bf = idx[inside], bc[inside], bf[inside]
+        # scattered adds cost what the bucket holds, not what the worker has ever seen (a
+        # bincount over 200,000 terminals took 3 ms)
+        np.add.at(c, idx, bc if sign > 0 else -bc)
+        np.add.at(f, idx, bf if sign > 0 else -bf)
 
     def evict_before(self, hour: int) -> None:
         for b in [b for b in self.buckets if b < hour]:
