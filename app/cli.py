@@ -350,6 +350,8 @@ def bench_features(
              "of the cards, side by side")] = 0,
     shards: Annotated[int | None, typer.Option(
         help="the store's card shards (default: 1 on one Redis, 16 on a Cluster)")] = None,
+    alternate: Annotated[int, typer.Option(
+        help="the store and the naive design take turns every this many batches")] = 10,
     json_output: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Feature store vs naive pipelined HGETALL, side by side on the real Redis (or a Redis
@@ -361,8 +363,10 @@ def bench_features(
     settings = _settings()
     if shards is not None and shards < 1:
         raise _fail("--shards must be 1 or more", 2)
+    if alternate < 1:
+        raise _fail("--alternate must be 1 or more", 2)
     cfg = BenchConfig(customers=customers, terminals=2 * customers, days=days,
-                      batch_size=batch_size, shards=shards)
+                      batch_size=batch_size, shards=shards, alternate=alternate)
     if processes < 0 or processes == 1:
         raise _fail("--processes must be 2 or more (0: the usual comparison)", 2)
     result = (scale(settings.redis_url, cfg, (1, processes)) if processes
