@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.bench import BenchConfig, _client, _drop, _slice, _store, _Stream
+from features.definitions import HOUR_US
 
 
 def main() -> None:
@@ -47,9 +48,11 @@ def main() -> None:
     for a in range(0, warm, b):
         store.update_many(_slice(ev, a, a + b))
     prof = cProfile.Profile() if args.profile else None
-    lat = []
+    lat, new_hour = [], []
     for a in range(warm, len(ev) - b + 1, b):
         batch = _slice(ev, a, a + b)
+        # a batch that starts an event hour loads that hour's bucket and slides the sums
+        new_hour.append(int(batch.t_us.max() // HOUR_US) not in store._terminals.sums)
         if prof:
             prof.enable()
         t = time.perf_counter()
@@ -58,11 +61,17 @@ def main() -> None:
         if prof:
             prof.disable()
     _drop(client, f"{ns}*")
+    hour = np.array(new_hour)
+    ms = np.array(lat) * 1000
     print(json.dumps({"shards": store._shards, "batches": len(lat), "batch_size": b,
                       "median_ms_per_batch": round(float(np.median(lat)) * 1000, 2),
                       "mean_ms_per_batch": round(float(np.mean(lat)) * 1000, 2),
                       "p99_ms_per_batch": round(float(np.quantile(lat, 0.99)) * 1000, 2),
-                      "max_ms_per_batch": round(float(np.max(lat)) * 1000, 2)}))
+                      "max_ms_per_batch": round(float(np.max(lat)) * 1000, 2),
+                      "new_hour_batches": int(hour.sum()),
+                      "new_hour_median_ms": round(float(np.median(ms[hour])), 2)
+                      if hour.any() else None,
+                      "other_median_ms": round(float(np.median(ms[~hour])), 2)}))
     if prof:
         pstats.Stats(prof, stream=sys.stderr).sort_stats(args.sort).print_stats(args.profile)
 
