@@ -15,8 +15,9 @@ shards``):
   counts the event was scored with, so a redelivered event is recognised and gets its first
   features back), appended each batch, rewritten when trimmed to 31 days;
 - ``{ns}:tb:{<ns>.s<S>}:<hour>``: per shard and event hour a list with one chunk per batch:
-  the terminals of that shard's events and their transaction counts, length-prefixed (any
-  terminal id is safe); a reader sums every shard's chunks;
+  the 64-bit keys (``terminal_keys``) of the terminals of that shard's events and their
+  transaction counts; a reader sums every shard's chunks (chunks of length-prefixed names,
+  the format before keys, are still read);
 - label state, all in slot ``{<ns>.lab}``: ``{ns}:cl:…`` / ``{ns}:tl:…`` labels so far per
   card / terminal, one field per name holding ``labels + frauds << 32``;
   ``{ns}:tf:…:<hour>`` terminal → on-time frauds, for the delayed terminal windows;
@@ -38,6 +39,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 
 import numpy as np
 import pandas as pd
@@ -267,7 +269,10 @@ class _TerminalWindows:
     def __init__(self, refresh_s: float) -> None:
         self.refresh_s = refresh_s
         self.index: dict[str, int] = {}
-        self.names: list[str] = []
+        self.names: list[str] = []  # "" until this worker sees the terminal's name
+        self.keys = np.zeros(0, dtype=np.uint64)  # terminal_keys of each index
+        self._sorted_keys = np.zeros(0, dtype=np.uint64)
+        self._sorted_idx = np.zeros(0, dtype=np.int64)
         self.buckets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.sums: dict[int, tuple[float, dict[int, np.ndarray], dict[int, np.ndarray]]] = {}
 
@@ -277,12 +282,32 @@ class _TerminalWindows:
                             count=len(terminals))
         if (found < 0).any():
             new = [t for t in dict.fromkeys(terminals) if t not in index]
-            index.update(zip(new, range(len(self.names), len(self.names) + len(new)),
-                             strict=True))
-            self.names.extend(new)
+            ids = self.idx_of_keys(terminal_keys(new)).tolist()
+            for name, i in zip(new, ids, strict=True):
+                self.names[i] = name
+            index.update(zip(new, ids, strict=True))
             found = np.fromiter(map(index.__getitem__, terminals), dtype=np.int64,
                                 count=len(terminals))
         return found
+
+    def idx_of_keys(self, keys: np.ndarray) -> np.ndarray:
+        """Indexes of terminals by key, new keys indexed on the way: a bucket written by
+        other workers names terminals this one has not seen (its name comes when it does)."""
+        sk = self._sorted_keys
+        pos = np.minimum(np.searchsorted(sk, keys), max(len(sk) - 1, 0))
+        hit = sk[pos] == keys if len(sk) else np.zeros(len(keys), dtype=bool)
+        out = np.empty(len(keys), dtype=np.int64)
+        out[hit] = self._sorted_idx[pos[hit]]
+        if not hit.all():
+            fresh, inverse = np.unique(keys[~hit], return_inverse=True)
+            ids = np.arange(len(self.names), len(self.names) + len(fresh), dtype=np.int64)
+            self.names.extend([""] * len(fresh))
+            self.keys = np.concatenate([self.keys, fresh])
+            at = np.searchsorted(sk, fresh)  # one copy of the sorted map, not a sort
+            self._sorted_keys = np.insert(sk, at, fresh)
+            self._sorted_idx = np.insert(self._sorted_idx, at, ids)
+            out[~hit] = ids[inverse.reshape(-1)]
+        return out
 
     def clear(self) -> None:
         self.buckets.clear()
@@ -307,20 +332,16 @@ class _TerminalWindows:
         return sorted(b for b in needed if b not in self.buckets)
 
     def store(self, hour: int, chunks: list[bytes], frauds: dict[bytes, bytes]) -> None:
-        """Cache one hour: `chunks` are the batches' (terminals, counts) (a terminal may
+        """Cache one hour: `chunks` are the batches' (terminal keys, counts) (a terminal may
         repeat: the window sums add them up)."""
-        names: list[str] = []
-        counts = [np.zeros(0, dtype=np.int64)]
-        for chunk in chunks:
-            chunk_names, chunk_counts = _unpack_counts(chunk)
-            names += chunk_names
-            counts.append(chunk_counts)
-        fraud_names = [k.decode() for k in frauds]
-        idx = self.idx(names + fraud_names)
+        parts = [_unpack_counts(chunk) for chunk in chunks]
+        keys = np.concatenate([np.zeros(0, dtype=np.uint64), *[k for k, _ in parts]])
+        fraud_idx = self.idx([k.decode() for k in frauds])
+        idx = np.concatenate([self.idx_of_keys(keys), fraud_idx])
         c = np.zeros(len(idx), dtype=np.int64)
-        c[: len(names)] = np.concatenate(counts)
+        c[: len(keys)] = np.concatenate([np.zeros(0, dtype=np.int64), *[n for _, n in parts]])
         f = np.zeros(len(idx), dtype=np.int64)
-        f[len(names):] = [int(v) for v in frauds.values()]
+        f[len(keys):] = [int(v) for v in frauds.values()]
         self.buckets[hour] = (idx, c, f)
 
     def add_counts(self, hour: int, idx: np.ndarray, counts: np.ndarray) -> None:
@@ -787,8 +808,8 @@ class RedisFeatureStore:
             return_counts=True)
         combo_group = combo // n_terms  # shard * hours + hour index
         group_at = np.flatnonzero(np.r_[True, combo_group[1:] != combo_group[:-1], True])
-        combo_term = (combo % n_terms).tolist()
-        term_names = self._terminals.names
+        combo_term = combo % n_terms
+        term_keys = self._terminals.keys
         groups = combo_group[group_at[:-1]].tolist()
         g = 0
         trimmed: list[int] = []
@@ -834,8 +855,7 @@ class RedisFeatureStore:
             while g < len(groups) and groups[g] // len(hour_list) == shard:
                 lo, hi = group_at[g], group_at[g + 1]
                 keys.append(self._bucket_key(shard, int(hour_list[groups[g] % len(hour_list)])))
-                args.append(_pack_counts([term_names[t] for t in combo_term[lo:hi]],
-                                         combo_n[lo:hi]))
+                args.append(_pack_counts(term_keys[combo_term[lo:hi]], combo_n[lo:hi]))
                 g += 1
             calls.append((keys, args))
         self._pending = _PendingWrite(self._send(calls), cards)
@@ -1010,7 +1030,8 @@ class RedisFeatureStore:
             by_hour.setdefault(h, {})[term] = c
         for h, mapping in by_hour.items():
             key = self._bucket_key(int(h) % self._shards, int(h))  # any shard's list will do
-            pipe.rpush(key, _pack_counts(list(mapping), np.fromiter(mapping.values(), np.int64)))
+            pipe.rpush(key, _pack_counts(terminal_keys(list(mapping)),
+                                         np.fromiter(mapping.values(), np.int64)))
             pipe.expire(key, _BUCKET_TTL_S)
             if len(pipe) >= chunk:
                 pipe.execute()
@@ -1106,12 +1127,31 @@ def _unpack_names_at(blob: bytes) -> tuple[list[str], int]:
     return names, (ends[-1] if ends else 4)
 
 
-def _pack_counts(names: Sequence[str], counts: np.ndarray) -> bytes:
-    """One hour-bucket chunk: the names (length-prefixed), then their counts."""
-    return _pack_names(names) + counts.astype("<u4").tobytes()
+_KEYED = b"\xff\xff\xff\xff"  # no name list is that long: marks a chunk of terminal keys
 
 
-def _unpack_counts(blob: bytes) -> tuple[list[str], np.ndarray]:
-    names, end = _unpack_names_at(blob)
-    return names, np.frombuffer(blob, dtype="<u4", count=len(names), offset=end).astype(
-        np.int64)
+def terminal_keys(names: Sequence[str]) -> np.ndarray:
+    """64-bit keys of terminal names, the same in every process (unlike `hash`): hour
+    buckets hold keys, so that reading one is a searchsorted, not thousands of dict
+    lookups (5.7 ms of 8,000 names among 200,000). Two of 200,000 terminals share a key
+    with odds of about 1e-9."""
+    digest = b"".join(blake2b(n.encode(), digest_size=8).digest() for n in names)
+    return np.frombuffer(digest, dtype="<u8").astype(np.uint64)
+
+
+def _pack_counts(keys: np.ndarray, counts: np.ndarray) -> bytes:
+    """One hour-bucket chunk: the marker, the number of terminals, their keys, their counts."""
+    return (_KEYED + len(keys).to_bytes(4, "little") + keys.astype("<u8").tobytes()
+            + counts.astype("<u4").tobytes())
+
+
+def _unpack_counts(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Terminal keys and counts of a chunk; chunks of names (written before keys, still in
+    buckets during a rolling upgrade) are keyed here."""
+    if blob[:4] != _KEYED:
+        names, end = _unpack_names_at(blob)
+        return terminal_keys(names), np.frombuffer(blob, dtype="<u4", count=len(names),
+                                                   offset=end).astype(np.int64)
+    n = int.from_bytes(blob[4:8], "little")
+    keys = np.frombuffer(blob, dtype="<u8", count=n, offset=8).astype(np.uint64)
+    return keys, np.frombuffer(blob, dtype="<u4", count=n, offset=8 + 8 * n).astype(np.int64)

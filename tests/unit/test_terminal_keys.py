@@ -1,0 +1,68 @@
+"""Hour buckets name terminals by 64-bit key: pure logic of the key map and chunk format."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from features.online import (
+    _pack_counts,
+    _pack_names,
+    _TerminalWindows,
+    _unpack_counts,
+    terminal_keys,
+)
+
+
+def test_keys_are_stable_and_distinct() -> None:
+    names = [f"T{i}" for i in range(50_000)]
+    keys = terminal_keys(names)
+    assert keys.dtype == np.uint64
+    assert len(np.unique(keys)) == len(names)
+    # the same in every process: blake2b's first 8 bytes, not Python's salted hash
+    digest = hashlib.blake2b(b"T0", digest_size=8).digest()
+    assert int(keys[0]) == int.from_bytes(digest, "little")
+    assert (terminal_keys(names[::-1]) == keys[::-1]).all()
+
+
+def test_key_first_then_name_share_one_index() -> None:
+    w = _TerminalWindows(refresh_s=60.0)
+    seen = w.idx(["a", "b"])
+    # a bucket from another worker names "c" and "b" by key only
+    by_key = w.idx_of_keys(terminal_keys(["c", "b", "c"]))
+    assert by_key[1] == seen[1] and by_key[0] == by_key[2] and by_key[0] not in seen
+    assert w.names[by_key[0]] == ""
+    # when this worker sees "c" by name it gets the index the key already had
+    assert w.idx(["c", "a"]).tolist() == [by_key[0], seen[0]]
+    assert w.names[by_key[0]] == "c"
+    assert (w.keys[[seen[0], seen[1], by_key[0]]] == terminal_keys(["a", "b", "c"])).all()
+
+
+def test_many_keys_keep_the_sorted_map_consistent() -> None:
+    rng = np.random.default_rng(3)
+    w = _TerminalWindows(refresh_s=60.0)
+    names = [f"T{i}" for i in range(5_000)]
+    for _ in range(20):
+        pick = rng.choice(len(names), 300).tolist()
+        if rng.random() < 0.5:
+            w.idx([names[i] for i in pick])
+        else:
+            w.idx_of_keys(terminal_keys([names[i] for i in pick]))
+    assert len(np.unique(w.keys)) == len(w.keys) == len(w.names)
+    ids = w.idx_of_keys(w.keys)
+    assert (ids == np.arange(len(w.keys))).all()
+
+
+def test_chunk_round_trip_and_name_chunks_still_read() -> None:
+    keys = terminal_keys(["x", "y", "z"])
+    counts = np.array([1, 7, 2])
+    k, c = _unpack_counts(_pack_counts(keys, counts))
+    assert (k == keys).all() and c.tolist() == [1, 7, 2]
+    # the chunk format before keys: length-prefixed names, then their counts
+    old = _pack_names(["x", "y", "z"]) + counts.astype("<u4").tobytes()
+    k, c = _unpack_counts(old)
+    assert (k == keys).all() and c.tolist() == [1, 7, 2]
+    empty_k, empty_c = _unpack_counts(_pack_counts(np.zeros(0, dtype=np.uint64),
+                                                   np.zeros(0, dtype=np.int64)))
+    assert len(empty_k) == len(empty_c) == 0
