@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from features.definitions import TERMINAL_DELAY_HOURS, TERMINAL_WINDOWS_DAYS
 from features.online import (
     _pack_counts,
     _pack_names,
@@ -66,3 +67,33 @@ def test_chunk_round_trip_and_name_chunks_still_read() -> None:
     empty_k, empty_c = _unpack_counts(_pack_counts(np.zeros(0, dtype=np.uint64),
                                                    np.zeros(0, dtype=np.int64)))
     assert len(empty_k) == len(empty_c) == 0
+
+
+def test_sliding_sums_match_a_fresh_sum_and_stay_bounded() -> None:
+    """Each hour's window sums slide from the previous hour's into reused arrays; they
+    equal sums built from scratch, and the arrays do not outgrow the terminals."""
+    rng = np.random.default_rng(5)
+    w = _TerminalWindows(refresh_s=1e9)
+    fresh = _TerminalWindows(refresh_s=1e9)
+    names = [f"T{i}" for i in range(3_000)]
+    first = 1_000
+    for b in range(first - TERMINAL_DELAY_HOURS - 24 * 30 - 2, first + 120):
+        seen = min(len(names), 200 + 4 * (b - first + 1_000))  # terminals keep appearing
+        pick = rng.choice(seen, 40)
+        chunk = _pack_counts(terminal_keys([names[i] for i in pick]),
+                             rng.integers(1, 4, len(pick)))
+        fraud = {names[int(pick[0])].encode(): b"1"} if b % 5 == 0 else {}
+        w.store(b, [chunk], fraud)
+        fresh.store(b, [chunk], fraud)
+    for h in range(first, first + 120):
+        w.idx([f"N{h}-{i}" for i in range(60)])  # events bring terminals not in a bucket
+        counts, frauds = w.window_sums(h)
+        fresh.sums.clear()  # from scratch: no previous hour to slide from
+        want_c, want_f = fresh.window_sums(h)
+        for d in TERMINAL_WINDOWS_DAYS:
+            n = len(w.names)
+            ids = fresh.idx_of_keys(w.keys)  # the two maps index terminals differently
+            assert (counts[d][: len(w.keys)] == want_c[d][ids]).all()
+            assert (frauds[d][: len(w.keys)] == want_f[d][ids]).all()
+            assert not counts[d][len(w.keys):].any()
+            assert len(counts[d]) <= n + n // 8 + 1024
