@@ -133,7 +133,7 @@ class Settings(BaseSettings):
     audit_checkpoint_s: Annotated[float, Field(gt=0)] = Field(
         default=60.0, description="log the audit chain head this often (truncation anchor)")
     max_partition_skew_s: Annotated[float, Field(ge=0)] = Field(
-        default=3600.0, description="pause a partition whose events run this far ahead of "
+        default=21600.0, description="pause a partition whose events run this far ahead of "
         "the slowest one with data left (event time); 0 = off")
     fail_open: bool = Field(
         default=False, description="on a Redis outage, score with default features (flagged "
