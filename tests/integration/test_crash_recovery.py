@@ -211,7 +211,11 @@ def test_fenced_producer_mid_stream_loses_and_duplicates_nothing(
     part = stream.iloc[:n]
     svc = Service(kafka_bootstrap, redis_url, model, unique, keys_env, tmp_path)
     expected = expected_scores(part, model, base64.b64decode(keys_env["FRAUDSCORE_TOKEN_KEY"]))
-    produce(kafka_bootstrap, svc.topics["transactions"], items_of(part))
+    # in six parts, one more before each fence: a worker that drains 40,000 events in a
+    # second or two would otherwise be idle by the later fences, and an idle worker's
+    # fenced producer fails no step
+    parts = [part.iloc[i * n // 6:(i + 1) * n // 6] for i in range(6)]
+    produce(kafka_bootstrap, svc.topics["transactions"], items_of(parts[0]))
     txn_id = f"{svc.env['FRAUDSCORE_GROUP_ID']}-worker-0"
     rng = random.Random(5)
     worker = svc.start(0)
@@ -219,12 +223,15 @@ def test_fenced_producer_mid_stream_loses_and_duplicates_nothing(
         deadline = time.monotonic() + 90
         while svc.output_end() == 0 and worker.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # it scores: fence it at random points from now on
-        for _ in range(5):  # each fence once the worker has produced since the last one
-            time.sleep(rng.uniform(0.05, 0.3))
+        for more in parts[1:]:  # each fence once the worker has produced since the last one
+            produce(kafka_bootstrap, svc.topics["transactions"], items_of(more))
+            time.sleep(rng.uniform(0.0, 0.15))
             Producer({"bootstrap.servers": kafka_bootstrap,
                       "transactional.id": txn_id}).init_transactions(30)
             fenced_at = svc.output_end()
-            deadline = time.monotonic() + 60
+            # no progress within 15 s: the part was done before the fence; the next part's
+            # first step fails instead
+            deadline = time.monotonic() + 15
             while svc.output_end() == fenced_at and time.monotonic() < deadline:
                 time.sleep(0.05)
         scores = svc.read_outputs(n)
