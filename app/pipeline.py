@@ -471,6 +471,7 @@ class BatchResult:
     event_us: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     fail_open: bool = False
     sources: list[InputRecord] = field(default_factory=list)  # where each scored row came from
+    n_labels: int = 0  # fraud reports applied with the batch (process_mixed)
 
 
 class Scorer:
@@ -610,10 +611,12 @@ class Scorer:
         """A batch polled from both topics: its labels take effect first, then its
         transactions are scored in order (what the file engine and replay assume too).
         Labels cannot be applied fail-open: an outage then fails the whole batch."""
-        labels = [r for r in records if r.topic == self.topics.labels]
-        txs = [r for r in records if r.topic != self.topics.labels]
+        topic = self.topics.labels
+        labels = [r for r in records if r.topic == topic]
+        txs = [r for r in records if r.topic != topic] if labels else records
         label_result = self.process_labels(labels) if labels else None
         result = self.process(txs, fail_open, in_flight)
+        result.n_labels = len(labels)
         if label_result is not None:
             result.outputs[:0] = label_result.outputs
             result.dead[:0] = label_result.dead
@@ -667,8 +670,9 @@ class Scorer:
                                    terminals, scores, decisions, version, fail_open,
                                    shadow_version, shadow)
             topic = self.topics.scores
-            out.extend(Output(topic, token.encode(), value)
-                       for token, value in zip(batch.customer_tokens, values, strict=True))
+            new = tuple.__new__  # Output(...) per row costs twice as much (namedtuple __new__)
+            out.extend([new(Output, (topic, token.encode(), value, None))
+                        for token, value in zip(batch.customer_tokens, values, strict=True)])
         return out
 
     def _audit_decisions(self, batch: Pseudonymised, features: np.ndarray, scores: Scores,

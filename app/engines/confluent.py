@@ -224,17 +224,21 @@ class ConfluentEngine:
         log.info("rebalance: %d partitions; card cache dropped", len(partitions))
 
     def _records(self, messages: Sequence[Message]) -> list[InputRecord]:
-        records = []
-        for msg in messages:
-            err = msg.error()
-            if err is not None:
-                if err.fatal():
-                    raise KafkaException(err)
-                log.warning("consumer error: %s", err)
-                continue
-            records.append(InputRecord(msg.value(), msg.key(), msg.topic(), msg.partition(),
-                                       msg.offset()))
-        return records
+        """The batch's records; consumer errors (rare: they arrive as messages) are raised
+        when fatal and logged otherwise. Built in one comprehension with ``tuple.__new__``:
+        the named tuple's own constructor takes twice as long (0.16 against 0.07 ms per
+        1,000), on every event."""
+        if any(msg.error() is not None for msg in messages):
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    log.warning("consumer error: %s", err)
+            messages = [msg for msg in messages if msg.error() is None]
+        new = tuple.__new__
+        return [new(InputRecord, (msg.value(), msg.key(), msg.topic(), msg.partition(),
+                                  msg.offset())) for msg in messages]
 
     def _align(self, result: BatchResult | None) -> None:
         """Keep the group's transaction partitions within `max_partition_skew_s` of each
@@ -406,8 +410,7 @@ class ConfluentEngine:
         self.stats.dead += len(result.dead)
         self._backoff = BACKOFF_START_S
         metrics.TRANSACTIONS.labels("commit").inc()
-        n_labels = sum(1 for r in records if r.topic == self.settings.topic_labels)
-        metrics.observe_batch(result, n_labels)
+        metrics.observe_batch(result, result.n_labels)
         if result.fail_open:
             self.stats.fail_open += len(result.scores)
             self._set_ready(False, "redis unavailable: scoring fail-open")
@@ -471,25 +474,29 @@ class ConfluentEngine:
         # Step 1
         self._producer.begin_transaction()
         # Step 2
-        for out in outputs:
-            self._produce(out)
+        produce = self._producer.produce
+        for topic, key, value, headers in outputs:
+            try:
+                produce(topic, value, key, headers=headers)
+            except BufferError:
+                self._produce(topic, key, value, headers)
         # Step 3
-        next_offsets: dict[tuple[str, int], int] = {}
-        for rec in records:
-            next_offsets[(rec.topic, rec.partition)] = rec.offset + 1
+        next_offsets = {(rec.topic, rec.partition): rec.offset + 1 for rec in records}
         if self._group_meta is None:
             self._group_meta = self._consumer.consumer_group_metadata()
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
         # Step 4
         return self._committer.submit(_commit, self._producer, offsets, self._group_meta)
 
-    def _produce(self, out: Output) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes,
+                 headers: list[tuple[str, bytes]] | None) -> None:
         while True:
+            self._producer.poll(0.05)  # queue full: let deliveries drain
             try:
-                self._producer.produce(out.topic, out.value, out.key, headers=out.headers)
+                self._producer.produce(topic, value, key, headers=headers)
                 return
             except BufferError:
-                self._producer.poll(0.05)  # queue full: let deliveries drain
+                continue
 
     def _abort(self) -> None:
         """Abort the open transaction. A producer that cannot (fatal error, a commit still

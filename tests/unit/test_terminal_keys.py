@@ -97,3 +97,21 @@ def test_sliding_sums_match_a_fresh_sum_and_stay_bounded() -> None:
             assert (frauds[d][: len(w.keys)] == want_f[d][ids]).all()
             assert not counts[d][len(w.keys):].any()
             assert len(counts[d]) <= n + n // 8 + 1024
+
+
+def test_partitions_at_different_hours_keep_sliding() -> None:
+    """Two partitions 5 hours apart advance in turn: each one's previous hour stays cached,
+    so every hour slides from it. Keeping the newest hours instead dropped the hour behind
+    the moment it was summed, and each hour of the slower partition started from scratch."""
+    w = _TerminalWindows(refresh_s=1e9)
+    keys = terminal_keys([f"T{i}" for i in range(50)])
+    first = 2_000
+    for b in range(first - TERMINAL_DELAY_HOURS - 24 * 30 - 2, first + 30):
+        w.store(b, [_pack_counts(keys, np.ones(len(keys), dtype=np.int64))], {})
+    for step in range(20):
+        for hour in (first + step, first + 5 + step):
+            if step:
+                assert hour - 1 in w.sums, f"hour {hour - 1} dropped before {hour} slid from it"
+            counts, _ = w.window_sums(hour)
+            assert counts[1][:50].tolist() == [24] * 50  # one per terminal and hour
+    assert len(w.sums) <= 6
