@@ -75,7 +75,9 @@ class Settings(BaseSettings):
     topic_dlq: str = "transactions.dlq"
     topic_audit: str = "audit"
     emit_scores: bool = Field(default=True, description="write every score to the scores topic")
-    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    # a cap, reached only in a backlog (a batch takes what has arrived): per event, 4,000
+    # cost the worker 16-17.5 us of CPU and the broker 2.4, against 19-21 and 4.3 at 1,000
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 4000
     batch_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = Field(
         default=20, description="confluent: how long an idle worker waits for a batch's first "
         "event; faust: the batch's time bound")
