@@ -14,6 +14,8 @@
 #   REDIS_PORT             Redis port                      (default 6379)
 #   KAFKA_VERSION          Kafka release to run            (default 3.9.1)
 #   KAFKA_HEAP_OPTS        JVM heap flags                  (default -Xms128m -Xmx512m)
+#   KAFKA_JVM_PERFORMANCE_OPTS  GC and JIT flags           (default: those of Kafka's
+#                          own kafka-run-class.sh: G1 with 20 ms pause goal, ...)
 #   KAFKA_OPTS             extra JVM flags                 (default none)
 #   KAFKA_READY_TIMEOUT    seconds to wait for the broker  (default 90)
 #   FRAUDSCORE_STACK_KEEP_DATA=1  keep the broker's topics across restarts
@@ -42,6 +44,9 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 REDIS_PORT="${REDIS_PORT:-6379}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
+# Kafka's own start script passes these; launched bare, the JVM's G1 aims at 200 ms pauses
+# and grows the young generation to match, and every pause stalls produce and commit.
+KAFKA_JVM_PERFORMANCE_OPTS="${KAFKA_JVM_PERFORMANCE_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent}"
 KAFKA_OPTS="${KAFKA_OPTS:-}"
 KAFKA_READY_TIMEOUT="${KAFKA_READY_TIMEOUT:-90}"
 
@@ -292,7 +297,7 @@ start_kafka() {
   # Ctrl-C aimed at the shell that ran `make test`. Word splitting of the
   # *_OPTS variables is intended (they hold several JVM flags).
   # shellcheck disable=SC2086
-  setsid nohup java $KAFKA_HEAP_OPTS $KAFKA_OPTS \
+  setsid nohup java $KAFKA_HEAP_OPTS $KAFKA_JVM_PERFORMANCE_OPTS $KAFKA_OPTS \
     -Djava.awt.headless=true \
     -Dlog4j.configuration="file:$KAFKA_LOG4J" \
     -Dkafka.logs.dir="$STATE_DIR" \
