@@ -13,7 +13,7 @@
 #   KAFKA_CONTROLLER_PORT  KRaft controller port           (default 9093)
 #   REDIS_PORT             Redis port                      (default 6379)
 #   KAFKA_VERSION          Kafka release to run            (default 3.9.1)
-#   KAFKA_HEAP_OPTS        JVM heap flags                  (default -Xms128m -Xmx512m)
+#   KAFKA_HEAP_OPTS        JVM heap flags                  (default -Xms1g -Xmx1g, as Kafka's own)
 #   KAFKA_JVM_PERFORMANCE_OPTS  GC and JIT flags           (default: those of Kafka's
 #                          own kafka-run-class.sh: G1 with 20 ms pause goal, ...)
 #   KAFKA_OPTS             extra JVM flags                 (default none)
@@ -43,7 +43,7 @@ STATE_DIR="${FRAUDSCORE_STACK_DIR:-$CACHE_ROOT/stack}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 REDIS_PORT="${REDIS_PORT:-6379}"
-KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms1g -Xmx1g}"
 # Kafka's own start script passes these; launched bare, the JVM's G1 aims at 200 ms pauses
 # and grows the young generation to match, and every pause stalls produce and commit.
 KAFKA_JVM_PERFORMANCE_OPTS="${KAFKA_JVM_PERFORMANCE_OPTS:--server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent}"
