@@ -682,20 +682,24 @@ def _variant(variant: str, stream: Stream, cfg: E2EConfig, base_env: dict[str, s
         _drop_namespace(redis_url, namespace)
 
 
-def _warm_broker(stream: Stream, cfg: E2EConfig, base_env: dict[str, str], bootstrap: str,
-                 redis_url: str, admin: AdminClient, logs: Path) -> dict[str, Any]:
-    """Drain `stream` through one default worker, unmeasured, so that no variant pays for
-    the broker's warm-up. A freshly started broker's JIT compiler works through its first
-    several hundred thousand transactional messages: over four 100,000-event drains
-    (`scripts/cpu_split.py`) its C2 compiler thread used 7.9, 6.6, 5.3 and 2.6 s of CPU and
-    the broker 114, 88, 67 and 52 µs per event, CPU the first variant's worker then lacks
-    on two cores."""
+def _warm_broker(stream: Stream, live: Stream, cfg: E2EConfig, base_env: dict[str, str],
+                 bootstrap: str, redis_url: str, admin: AdminClient, logs: Path
+                 ) -> dict[str, Any]:
+    """Drain `stream` through one default worker, then offer it `live` at the latency
+    runs' rate, unmeasured, so that no variant pays for the broker's warm-up. A freshly
+    started broker's JIT compiler works through its first several hundred thousand
+    transactional messages: over four 100,000-event drains (`scripts/cpu_split.py`) its C2
+    compiler thread used 7.9, 6.6, 5.3 and 2.6 s of CPU and the broker 114, 88, 67 and
+    52 µs per event, CPU the first variant's worker then lacks on two cores. After the
+    drain alone, the first variant's p99 at 5,000/s on a broker just started read 66.1 and
+    55.3 ms (one worker, steady; a broker up for an hour: 27.5); with the offered phase
+    added, 45.6 (one run each, 2026-12-01)."""
     started = time.monotonic()
     run_id = uuid.uuid4().hex[:8]
     namespace = f"bench-e2e-{run_id}"
     phase = _phase("confluent_1w", f"bench-e2e.warmup.{run_id}", base_env, namespace)
     try:
-        result, _ = _throughput(phase, stream, None, cfg, bootstrap, admin,
+        result, _ = _throughput(phase, stream, live, cfg, bootstrap, admin,
                                 logs / "broker_warmup.log", 0)
     finally:
         _drop_namespace(redis_url, namespace)
@@ -757,7 +761,8 @@ def run(bootstrap: str, redis_url: str, cfg: E2EConfig,
             n = min(cfg.broker_warmup_events, cfg.events)
             progress(f"warming the broker: {n:,} events through one worker, not measured")
             try:
-                warmup = _warm_broker(stream.slice(0, n), cfg, base_env, bootstrap,
+                live = stream.slice(cfg.events, cfg.events + n_live // 2)
+                warmup = _warm_broker(stream.slice(0, n), live, cfg, base_env, bootstrap,
                                       redis_url, admin, Path(tmp))
             except (VariantFailed, KafkaException, RuntimeError) as exc:
                 warmup = {"status": "error", "reason": str(exc)[-2000:]}
