@@ -63,6 +63,9 @@ class TrainConfig:
     seed: int = 7
     num_threads: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
+    # the model's input columns, in order: the service's features; other lists are for
+    # offline studies (scripts/handbook_quality.py)
+    feature_names: tuple[str, ...] = FEATURE_NAMES
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ def base_params(cfg: TrainConfig) -> dict[str, Any]:
         "num_leaves": cfg.num_leaves,
         "min_child_samples": cfg.min_child_samples,
         "max_bin_by_feature": [AMOUNT_BINS if n == "amount" else cfg.max_bin
-                               for n in FEATURE_NAMES],
+                               for n in cfg.feature_names],
         "feature_fraction": 0.9,
         "bagging_fraction": 0.8,
         "bagging_freq": 1,
@@ -190,10 +193,10 @@ def _with_shift(p: np.ndarray, shift: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def fit_booster(x: np.ndarray, y: np.ndarray, params: dict[str, Any], rounds: int
-                ) -> lgb.Booster:
+def fit_booster(x: np.ndarray, y: np.ndarray, params: dict[str, Any], rounds: int,
+                names: Sequence[str] = FEATURE_NAMES) -> lgb.Booster:
     """A fixed number of rounds on all given rows (no early stopping: the count is chosen)."""
-    data = lgb.Dataset(x, y.astype(np.int32), feature_name=list(FEATURE_NAMES))
+    data = lgb.Dataset(x, y.astype(np.int32), feature_name=list(names))
     return lgb.train(params, data, num_boost_round=max(int(rounds), 1))
 
 
@@ -211,7 +214,7 @@ def _run_candidate(folds: Sequence[Fold], params: dict[str, Any], cfg: TrainConf
     boosters, curves = [], []
     for fold in folds:
         dfit = lgb.Dataset(fold.x_fit, fold.y_fit.astype(np.int32),
-                           feature_name=list(FEATURE_NAMES))
+                           feature_name=list(cfg.feature_names))
         dvalid = lgb.Dataset(fold.x_valid, fold.y_valid.astype(np.int32), reference=dfit)
         record: dict[str, Any] = {}
         booster = lgb.train(params, dfit, num_boost_round=cfg.n_estimators,
@@ -271,7 +274,7 @@ def train_lightgbm(
     to rank candidates by Card Precision@k too, or a ready `selection` (e.g. from the
     handbook's prequential folds) to skip the search and fit on every row.
     """
-    x = features[list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
+    x = features[list(cfg.feature_names)].to_numpy(dtype=np.float32)
     y = np.asarray(labels).astype(np.int32)
     valid_shift = 0.0
     if selection is None:
@@ -311,7 +314,9 @@ def _fit_capped(x: np.ndarray, y: np.ndarray, selection: Selection, cfg: TrainCo
                 ) -> tuple[lgb.Booster, float]:
     """Fit on every row (genuine ones capped); the log-odds shift that undoes the cap."""
     kept, rate = cap_genuine(y, cfg.max_genuine, cfg.seed)
-    return fit_booster(x[kept], y[kept], selection.params, selection.num_rounds), np.log(rate)
+    booster = fit_booster(x[kept], y[kept], selection.params, selection.num_rounds,
+                          cfg.feature_names)
+    return booster, np.log(rate)
 
 
 def _validation_fold(x: np.ndarray, y: np.ndarray, timestamps: pd.Series, fit: np.ndarray,

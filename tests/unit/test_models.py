@@ -237,3 +237,23 @@ def test_calibration_is_monotone_and_bounded() -> None:
     a = calibrate(errors, q)
     assert np.all(np.diff(a[:-1]) >= 0) and a[0] == 0.0 and a[-2] == 1.0
     assert a[-1] == 1.0  # an error that cannot be computed is treated as most anomalous
+
+
+def test_training_on_another_column_list_names_and_bins_those_columns() -> None:
+    """Offline studies (scripts/handbook_quality.py) train on their own columns: the model
+    must carry those names and give the fine amount bins to `amount` wherever it sits."""
+    from models.train import AMOUNT_BINS, train_lightgbm
+
+    rng = np.random.default_rng(3)
+    n = 4_000
+    ts = pd.Series(pd.date_range("2018-07-01", periods=n, freq="5min", tz="UTC"))
+    frame = pd.DataFrame({"ratio": rng.gamma(2.0, 1.0, n), "amount": rng.gamma(2.0, 50.0, n)})
+    y = ((frame["amount"] > 220) | (rng.random(n) < 0.01)).to_numpy().astype(np.int32)
+    cfg = TrainConfig(n_estimators=30, search=False, delay_days=1.0,
+                      feature_names=("ratio", "amount"))
+    model = train_lightgbm(frame, y, ts, cfg)
+    assert model.booster.feature_name() == ["ratio", "amount"]
+    assert model.params["max_bin_by_feature"] == [255, AMOUNT_BINS]
+    p = model.booster.predict(frame[["ratio", "amount"]].to_numpy(np.float32))
+    amount = frame["amount"].to_numpy()
+    assert p[amount > 300].min() > p[amount < 150].max()
