@@ -75,7 +75,9 @@ _WRAPPER_HEAD = r"""
 #include <string.h>
 #define FS_ABI %(abi)d
 #define NF %(nf)d
-#define CHUNK_ROWS (NF >= 4096 ? 1 : 4096 / NF)
+/* rows cleaned per call into the forest: 128 KB of stack; 32 KB chunks scored 3-5 %% fewer
+   rows/s at batch 4096 (the tree code is walked once per chunk) */
+#define CHUNK_ROWS (NF >= 16384 ? 1 : 16384 / NF)
 
 /* LightGBM reads |x| <= kZeroThreshold as 0.0 and compares beyond ±1e300 as ±1e300. */
 static inline double fs_clean(double v) {

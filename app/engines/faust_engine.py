@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import signal
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -99,6 +101,9 @@ class FaustEngine:
         # fetching and heartbeating meanwhile; one thread keeps batches in order
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fraudscore-score")
         self._batch_lock = asyncio.Lock()  # held while a batch is in flight
+        # faust writes a folder for its tables even with the memory store (in the working
+        # directory by default, left behind); ours lives in the temp folder and goes at stop
+        self._datadir = Path(tempfile.mkdtemp(prefix="fraudscore-faust-"))
         self.app = self._new_app()
 
     def _new_app(self) -> faust.App:
@@ -117,6 +122,7 @@ class FaustEngine:
             topic_disable_leader=True,  # no leader-only timers: no <id>-__assignor-__leader
             autodiscover=False,
             store="memory://",
+            datadir=str(self._datadir),
             # an unexpected error in the agent stops the worker instead of restarting the
             # agent with events left unacked in the middle of its partitions
             agent_supervisor=CrashingSupervisor,
@@ -180,8 +186,11 @@ class FaustEngine:
             self._set_ready(False, "stopped")
             async with self._batch_lock:
                 pass  # the batch in flight finishes; none starts after _stop
-            await asyncio.wait_for(self.app.stop(), STOP_TIMEOUT_S)
-            self._pool.shutdown(wait=True)
+            try:
+                await asyncio.wait_for(self.app.stop(), STOP_TIMEOUT_S)
+            finally:
+                self._pool.shutdown(wait=True)
+                shutil.rmtree(self._datadir, ignore_errors=True)
         reason = self._fatal or self.app.crash_reason
         if reason is not None:
             raise FaustEngineError(f"worker stopped on an error: {reason!r}") from reason

@@ -77,6 +77,9 @@ class Worker:
             **{f"FRAUDSCORE_TOPIC_{k.upper()}": v for k, v in self.topics.items()},
         }
         self.tmp = tmp
+        self.tmpdir = tmp / "tmpdir"  # the workers' temp folder (faust's datadir goes there)
+        self.tmpdir.mkdir()
+        self.env["TMPDIR"] = str(self.tmpdir)
         self.n_started = 0
 
     def start(self, worker_id: int = 0, **env: str) -> subprocess.Popen[bytes]:
@@ -85,7 +88,7 @@ class Worker:
         proc = subprocess.Popen(
             [sys.executable, "-m", "app", "run", "--engine", "faust",
              "--worker-id", str(worker_id)],
-            env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT)
+            env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
         Worker.started.append(proc)
         return proc
 
@@ -250,6 +253,9 @@ def test_redis_outage_retries_the_part_and_loses_nothing(
     assert code == 0, logs[-3000:]
     assert "feature store unavailable" in logs
     assert_at_least_once(scores, tx["transaction_id"], logs)
+    # a stopped worker leaves no faust data folder, neither in its working directory
+    # (faust's default) nor in the temp folder
+    assert not list(svc.tmp.glob("*-data")) and not list(svc.tmpdir.glob("fraudscore-faust-*"))
 
 
 @pytest.mark.integration
