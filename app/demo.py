@@ -104,7 +104,8 @@ def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[st
         fit = (warm & (tx["timestamp"] < train_end)).to_numpy()
         ens = train_ensemble(features[fit], labels["is_fraud"].to_numpy()[fit],
                              tx["timestamp"][fit], card_tokens.to_numpy()[fit])
-        registry = Path(tempfile.mkdtemp(prefix="fraudscore-demo-models-"))
+        out = out_dir or Path(tempfile.mkdtemp(prefix="fraudscore-demo-"))
+        registry = out / "models"  # next to the outputs, so the summary names one folder
         ref = save(ens, registry, {"end": str(train_end)}, features[fit].to_numpy()[:2000])
     par = ref.manifest["parity_max_abs_diff"]
     console.print(f"model {ref.version}: validation AUC {ens.metrics['valid_auc']:.3f}, "
@@ -129,7 +130,6 @@ def run_demo(cfg: DemoConfig, out_dir: Path | None, console: Console) -> dict[st
     values, topics = merged_stream(test, labels, until)
     bad = malformed_events(values[0])
     stream = values + bad
-    out = out_dir or Path(tempfile.mkdtemp(prefix="fraudscore-demo-"))
     kinds = topics + ["transactions"] * len(bad)
     summary = run_file(scorer, records_from_values(stream, topics=kinds), out,
                        batch_size=cfg.batch_size, total=len(stream), keep_scores=True)
@@ -180,7 +180,7 @@ def _print_summary(console: Console, r: dict[str, float], out: Path) -> None:
     table.add_row("throughput (in-process fakeredis)", f"{r['events_per_s']:,.0f} events/s")
     table.add_row("online = offline features", f"max |diff| {r['feature_parity_max_abs_diff']}")
     console.print(table)
-    console.print(f"outputs: {out}/alerts.jsonl, scores.jsonl, dlq.jsonl")
+    console.print(f"outputs: {out}/alerts.jsonl, scores.jsonl, dlq.jsonl; model: {out}/models")
 
 
 def _print_top_alerts(console: Console, alerts_file: Path, n: int = 5) -> None:

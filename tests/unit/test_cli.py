@@ -37,6 +37,8 @@ def test_demo_runs_without_servers(tmp_path: Path) -> None:
     dlq = [json.loads(line) for line in (tmp_path / "dlq.jsonl").read_text().splitlines()]
     assert alerts and len(dlq) == 8
     assert all(d["error.reason"] for d in dlq)
+    # the model it trained sits with its outputs, not in a temp folder of its own
+    assert (tmp_path / "models" / "LATEST").is_file()
 
 
 def test_simulate_train_run_file_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
