@@ -5,7 +5,7 @@ consumer offsets (``send_offsets_to_transaction`` with the group metadata), so a
 anywhere yields neither loss nor duplicates for ``read_committed`` readers, and a zombie
 worker with the same ``transactional.id`` is fenced.
 
-Commits are pipelined: a batch's delivery, ``send_offsets_to_transaction`` and
+Commits are pipelined: a batch's ``send_offsets_to_transaction``, outputs and
 ``commit_transaction`` (broker round trips, ~10 ms idle, tens of ms on a loaded machine) run
 on a thread while the next batch is consumed and scored; that batch's transaction begins
 once the commit is back. When a commit fails, both batches are read again (the feature
@@ -464,39 +464,21 @@ class ConfluentEngine:
         """Outputs and input offsets in one transaction.
 
         Step 1: begin the transaction.
-        Step 2: produce every output of the batch.
-        Step 3: note the next offset (last processed + 1) of each partition.
-        Step 4: on the commit thread, deliver the outputs, add those offsets with the group
-        metadata (``send_offsets_to_transaction``: two broker round trips) and commit.
-        Nothing touches the producer until the returned future is done, and the next batch
-        is scored meanwhile.
+        Step 2: note the next offset (last processed + 1) of each partition.
+        Step 3: on the commit thread (`_commit`): add those offsets with the group metadata,
+        produce and deliver every output, commit. Nothing touches the producer until the
+        returned future is done, and the next batch is scored meanwhile.
         """
         # Step 1
         self._producer.begin_transaction()
         # Step 2
-        produce = self._producer.produce
-        for topic, key, value, headers in outputs:
-            try:
-                produce(topic, value, key, headers=headers)
-            except BufferError:
-                self._produce(topic, key, value, headers)
-        # Step 3
         next_offsets = {(rec.topic, rec.partition): rec.offset + 1 for rec in records}
         if self._group_meta is None:
             self._group_meta = self._consumer.consumer_group_metadata()
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
-        # Step 4
-        return self._committer.submit(_commit, self._producer, offsets, self._group_meta)
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes,
-                 headers: list[tuple[str, bytes]] | None) -> None:
-        while True:
-            self._producer.poll(0.05)  # queue full: let deliveries drain
-            try:
-                self._producer.produce(topic, value, key, headers=headers)
-                return
-            except BufferError:
-                continue
+        # Step 3
+        return self._committer.submit(_commit, self._producer, outputs, offsets,
+                                      self._group_meta)
 
     def _abort(self) -> None:
         """Abort the open transaction. A producer that cannot (fatal error, a commit still
@@ -562,20 +544,36 @@ def producer_config(settings: Settings, worker_id: int) -> dict[str, Any]:
     }
 
 
-def _commit(producer: Producer, offsets: list[TopicPartition], group_meta: Any) -> None:
-    """Deliver the batch's outputs, add its input offsets, commit; on the commit thread.
+def _commit(producer: Producer, outputs: Sequence[Output], offsets: list[TopicPartition],
+            group_meta: Any) -> None:
+    """Add the batch's input offsets, produce and deliver its outputs, commit; on the commit
+    thread, every call in this order.
 
-    The flush comes first: with ``send_offsets_to_transaction`` called right after the last
-    ``produce`` from another thread, a commit then stalled with outputs undelivered until
-    its 30 s timeout in 2 of 3 end-to-end runs (librdkafka 2.16); with the flush first, 0
-    of 7. ``commit_transaction`` is resumed once after a timeout: a retriable error means
-    the commit is still under way, and calling again continues it (librdkafka's contract).
-    Any error fails the future; the engine then aborts and reads the batch again."""
+    The offsets go first. Right after the last commit returns, the broker may not have
+    written that commit's markers yet and answers the next transaction's first requests
+    with CONCURRENT_TRANSACTIONS: AddOffsetsToTxn is retried after `retry.backoff.ms`
+    (TXN_RETRY_BACKOFF_MS), but AddPartitionsToTxn, which the first output of a partition
+    sends, after a fixed 20 ms in librdkafka. Offsets first, so the outputs' partitions are
+    added once the broker is ready: two workers at 5,000 events/s, 5 alternated pairs,
+    latency p99 (median of the pairs) 78.0 -> 60.1 ms, 63.2 -> 50.1 with fresh workers.
+    The delivery (flush) comes before the commit, and no call overlaps another: with
+    ``send_offsets_to_transaction`` called right after a ``produce`` from another thread,
+    a commit stalled with outputs undelivered until its 30 s timeout in 2 of 3 end-to-end
+    runs (librdkafka 2.16). ``commit_transaction`` is resumed once after a timeout: a
+    retriable error means the commit is still under way, and calling again continues it
+    (librdkafka's contract). Any error fails the future; the engine then aborts and reads
+    the batch again."""
+    producer.send_offsets_to_transaction(offsets, group_meta, TXN_TIMEOUT_S)
+    produce = producer.produce
+    for topic, key, value, headers in outputs:
+        try:
+            produce(topic, value, key, headers=headers)
+        except BufferError:
+            _produce_when_room(producer, topic, key, value, headers)
     left = producer.flush(TXN_TIMEOUT_S)
     if left:
         log.warning("%d output(s) not delivered after %.0fs; the commit waits for them "
                     "(or fails, and the batch is read again)", left, TXN_TIMEOUT_S)
-    producer.send_offsets_to_transaction(offsets, group_meta, TXN_TIMEOUT_S)
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             producer.commit_transaction(TXN_TIMEOUT_S)
@@ -585,6 +583,17 @@ def _commit(producer: Producer, offsets: list[TopicPartition], group_meta: Any) 
                 raise
             log.warning("commit not done after %.0fs (%s); resuming it", TXN_TIMEOUT_S,
                         exc.args[0])
+
+
+def _produce_when_room(producer: Producer, topic: str, key: bytes | None, value: bytes,
+                       headers: list[tuple[str, bytes]] | None) -> None:
+    while True:
+        producer.poll(0.05)  # queue full: let deliveries drain
+        try:
+            producer.produce(topic, value, key, headers=headers)
+            return
+        except BufferError:
+            continue
 
 
 def run_worker(settings: Settings, scorer: Scorer, stop: threading.Event,

@@ -26,6 +26,10 @@ class StubProducer:
 
     undelivered = 0
 
+    def produce(self, topic: str, value: bytes, key: bytes | None = None,
+                headers: object = None) -> None:
+        self.calls.append("produce")
+
     def flush(self, timeout: float) -> int:
         self.calls.append("flush")
         return self.undelivered
@@ -55,21 +59,23 @@ def timed_out() -> KafkaError:
 
 def test_a_commit_that_times_out_is_resumed_once_then_reported() -> None:
     resumed = StubProducer([timed_out()])
-    confluent._commit(resumed, ["offsets"], "group")  # type: ignore[arg-type]
+    outputs = [("scores", b"k", b"v", None)] * 2
+    confluent._commit(resumed, outputs, ["offsets"], "group")  # type: ignore[arg-type]
     assert resumed.commits == 2
     assert resumed.offsets == [(["offsets"], "group")]  # added once, before the commit
-    # the outputs are delivered before the offsets go in (see _commit: without the flush a
-    # commit stalled 30 s in 2 of 3 end-to-end runs)
-    assert resumed.calls == ["flush", "offsets", "commit", "commit"]
+    # offsets first (their request waits out the last commit's markers with a short
+    # backoff), then the outputs, delivered before the commit, no call overlapping another
+    # (see _commit: a commit stalled 30 s in 2 of 3 end-to-end runs otherwise)
+    assert resumed.calls == ["offsets", "produce", "produce", "flush", "commit", "commit"]
 
     stuck = StubProducer([timed_out(), timed_out(), timed_out()])
     with pytest.raises(KafkaException):
-        confluent._commit(stuck, [], None)  # type: ignore[arg-type]
+        confluent._commit(stuck, [], [], None)  # type: ignore[arg-type]
     assert stuck.commits == confluent.COMMIT_ATTEMPTS
 
     fenced = StubProducer([KafkaError(KafkaError._FENCED, "fenced", fatal=True)])
     with pytest.raises(KafkaException):
-        confluent._commit(fenced, [], None)  # type: ignore[arg-type]
+        confluent._commit(fenced, [], [], None)  # type: ignore[arg-type]
     assert fenced.commits == 1  # not retriable: no resume
 
 
@@ -80,8 +86,8 @@ def test_outputs_still_undelivered_after_the_flush_leave_the_verdict_to_the_comm
     slow = StubProducer([timed_out(), timed_out()])
     slow.undelivered = 2
     with pytest.raises(KafkaException):
-        confluent._commit(slow, [], None)  # type: ignore[arg-type]
-    assert slow.calls == ["flush", "offsets", "commit", "commit"]
+        confluent._commit(slow, [], [], None)  # type: ignore[arg-type]
+    assert slow.calls == ["offsets", "flush", "commit", "commit"]
     assert "2 output(s) not delivered" in caplog.text
 
 
@@ -91,8 +97,9 @@ def test_offsets_that_cannot_be_added_fail_the_commit_before_it_starts() -> None
     stale = StubProducer([], offsets_error=KafkaError(
         KafkaError.ILLEGAL_GENERATION, "stale generation", txn_requires_abort=True))
     with pytest.raises(KafkaException):
-        confluent._commit(stale, [], None)  # type: ignore[arg-type]
-    assert stale.commits == 0
+        confluent._commit(stale, [("scores", b"k", b"v", None)], [],  # type: ignore[arg-type]
+                          None)
+    assert stale.commits == 0 and stale.calls == ["offsets"]  # nothing produced either
 
 
 @pytest.mark.parametrize("abort_error", [
