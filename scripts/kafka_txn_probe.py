@@ -7,7 +7,9 @@ transaction begins as soon as the last commit returns, as in the worker under lo
 with librdkafka's default ``retry.backoff.ms`` (100) and once with the engine's
 (``TXN_RETRY_BACKOFF_MS``), alternated. Prints the median and 90th percentile of each step
 in ms over 40 transactions per series, and the mean: a retry after a 100 ms backoff hits
-some transactions, not all, so the median alone can miss it.
+some transactions, not all, so the median alone can miss it. Last, ``call_order``: two
+producers at once, back to back, each transaction adding its outputs before its offsets or
+after them (the engine's order, ``_commit`` in app/engines/confluent.py), 160 each.
 
     eval "$(scripts/stack.sh up)"; .venv/bin/python scripts/kafka_txn_probe.py
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -87,6 +90,26 @@ class Probe:
             del steps["visible"]
         return steps
 
+    def cycles(self, offsets_first: bool, rounds: int, out: list[float]) -> None:
+        """Back-to-back transactions as the engine commits them: offsets then outputs
+        (``offsets_first``, the engine's order), or outputs then offsets; each delivered
+        before the commit. Appends each whole transaction's time in ms to `out`."""
+        for _ in range(rounds):
+            self.offset += 1
+            t0 = time.perf_counter()
+            self.producer.begin_transaction()
+            offsets = [TopicPartition(self.source, p, self.offset) for p in range(PARTITIONS)]
+            meta = self.consumer.consumer_group_metadata()
+            if offsets_first:
+                self.producer.send_offsets_to_transaction(offsets, meta, 30)
+            for j in range(MESSAGES):
+                self.producer.produce(self.sink, b"x" * 200, str(j).encode())
+            self.producer.flush(30)
+            if not offsets_first:
+                self.producer.send_offsets_to_transaction(offsets, meta, 30)
+            self.producer.commit_transaction(30)
+            out.append((time.perf_counter() - t0) * 1000)
+
     def close(self) -> None:
         self.consumer.close()
         self.reader.close()
@@ -116,9 +139,41 @@ def main() -> None:
         for probe in probes.values():
             probe.close()
     back = {name: _summary(steps) for name, steps in series.items()}
+    order = _call_order(bootstrap)
     a, b = (back[name]["offsets"]["mean_ms"] for name in probes)
-    print(json.dumps({"spaced": spaced, "back_to_back": back,
+    print(json.dumps({"spaced": spaced, "back_to_back": back, "call_order": order,
                       "offsets_mean_ratio_default_vs_engine": round(a / b, 1) if b else None}))
+
+
+def _call_order(bootstrap: str) -> dict[str, dict[str, float]]:
+    """Two producers at once, back to back, with the engine's backoff: a transaction's
+    outputs before its offsets, or after (the engine's order). A refused AddPartitionsToTxn
+    (CONCURRENT_TRANSACTIONS, the last commit's markers not yet written) is retried after a
+    fixed 20 ms in librdkafka, AddOffsetsToTxn after `retry.backoff.ms`: the share of
+    transactions taking 20 ms or more shows which one waited."""
+    extra = {"retry.backoff.ms": TXN_RETRY_BACKOFF_MS}
+    pairs = {"outputs_first": [Probe(bootstrap, extra) for _ in range(2)],
+             "offsets_first": [Probe(bootstrap, extra) for _ in range(2)]}
+    times: dict[str, list[float]] = {name: [] for name in pairs}
+    try:
+        for _ in range(4):  # alternate in slices: the machine's load moves
+            for name, probes in pairs.items():
+                threads = [threading.Thread(target=p.cycles,
+                                            args=(name == "offsets_first", ROUNDS // 2,
+                                                  times[name])) for p in probes]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+    finally:
+        for probes in pairs.values():
+            for p in probes:
+                p.close()
+    return {name: {"transactions": len(v), "median_ms": round(float(np.median(v)), 2),
+                   "p90_ms": round(float(np.quantile(v, 0.9)), 2),
+                   "p99_ms": round(float(np.quantile(v, 0.99)), 2),
+                   "at_least_20ms": int(np.sum(np.asarray(v) >= 20.0))}
+            for name, v in times.items()}
 
 
 if __name__ == "__main__":
