@@ -6,7 +6,7 @@ import numpy as np
 
 
 def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-12, 1 - 1e-12)
+    p = np.minimum(np.maximum(p, 1e-12), 1 - 1e-12)  # np.clip is twice as slow on a row
     return np.log(p / (1 - p))
 
 

@@ -88,7 +88,10 @@ def calibration_points(quantiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrated(errors: np.ndarray, q: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    return np.interp(np.nan_to_num(errors, nan=np.inf), q, levels, left=0.0, right=1.0)
+    """A NaN error (overflow) scores as the most anomalous. `np.where`, not `nan_to_num`:
+    the latter costs 4 µs of a single event's score."""
+    return np.interp(np.where(np.isnan(errors), np.inf, errors), q, levels,
+                     left=0.0, right=1.0)
 
 
 def _dense(layers: list[tuple[np.ndarray, np.ndarray]], z: np.ndarray) -> np.ndarray:
