@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from features.definitions import N_FEATURES
 from models.blend import blend
-from models.registry import resolve
+from models.registry import ModelError, resolve
 from models.runtime import ModelRuntime
 
 
@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--warmup", type=int, default=2_000)
     args = parser.parse_args()
-    runtime = ModelRuntime(resolve(args.registry, args.version), device="cpu")
+    try:
+        runtime = ModelRuntime(resolve(args.registry, args.version), device="cpu")
+    except ModelError as exc:
+        raise SystemExit(f"score_latency: {exc}") from None
     row = np.random.default_rng(0).gamma(2.0, 5.0, (1, N_FEATURES))
     clean = runtime._clean(row)
     parts: dict[str, Callable[[], object]] = {
